@@ -1,0 +1,44 @@
+"""Options --device and --dtype, and hypothesis settings sized for a 2-core CI machine."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "default",
+    deadline=None,
+    max_examples=30,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile("ci", parent=settings.get_profile("default"), derandomize=True)
+settings.load_profile("ci" if os.environ.get("CI") else "default")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--device", default="cpu", help="device the tests run on (cpu, cuda, ...)")
+    parser.addoption(
+        "--dtype", default="float32,float64", help="comma-separated dtypes the contract tests run over"
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "dtype" in metafunc.fixturenames:
+        names = metafunc.config.getoption("--dtype").split(",")
+        metafunc.parametrize("dtype", [getattr(torch, n.strip()) for n in names], ids=names)
+
+
+@pytest.fixture
+def device(request: pytest.FixtureRequest) -> torch.device:
+    dev = torch.device(request.config.getoption("--device"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        pytest.skip("CUDA is not available")
+    return dev
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)

@@ -1,0 +1,215 @@
+r"""Public entry points of the engine: :func:`mixture_log_prob`, :func:`mixture_logsumexp`, :func:`knn`."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Literal
+
+import torch
+from torch import Tensor
+
+from .. import _checks
+from ..errors import VAEPriorsError
+from . import _dense
+from ._core import LogSumExp, component_constants
+
+__all__ = ["BACKENDS", "LogSumExp", "knn", "mixture_log_prob", "mixture_logsumexp"]
+
+Backend = Literal["auto", "dense"]
+
+# name -> (logsumexp, knn); each takes flat [B, d] queries and returns a LogSumExp / (d2, idx).
+_IMPLS: dict[str, tuple[Callable, Callable]] = {
+    "dense": (_dense.logsumexp, _dense.knn),
+}
+BACKENDS: tuple[str, ...] = ("auto", *_IMPLS)
+"""Names accepted by the ``backend`` argument."""
+
+
+def _resolve(backend: str, op: str, b: int, n: int, d: int, z: Tensor, memory_budget: int | None) -> str:
+    if backend not in BACKENDS:
+        raise VAEPriorsError(f"`backend` must be one of {BACKENDS}, got {backend!r}")
+    if backend != "auto":
+        return backend
+    return "dense"
+
+
+def _prepare(z: Tensor, means: Tensor, exclude: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    z = _checks.latent(z, None, "z")
+    means = _checks.floating(means, "means")
+    if means.dim() != 2 or means.shape[-1] != z.shape[-1]:
+        raise VAEPriorsError(
+            f"`means` must have shape [N, d] with d = z.shape[-1] = {z.shape[-1]}, got {tuple(means.shape)}"
+        )
+    if means.shape[0] == 0:
+        raise VAEPriorsError("`means` must hold at least one component, got N = 0")
+    if means.dtype != z.dtype or means.device != z.device:
+        raise VAEPriorsError(
+            f"`means` must have the dtype and device of `z` ({z.dtype}, {z.device}), "
+            f"got {means.dtype}, {means.device}"
+        )
+    _checks.finite(means, "means")
+    if exclude is not None:
+        exclude = _checks.index(exclude, z.shape[:-1], means.shape[0], "exclude")
+    return z, means, exclude
+
+
+def _check_log_var(log_var: Tensor | float, z: Tensor, n: int, d: int) -> Tensor:
+    if not isinstance(log_var, Tensor):
+        log_var = torch.as_tensor(float(log_var), dtype=z.dtype, device=z.device)
+    _checks.floating(log_var, "log_var")
+    if log_var.shape not in (torch.Size([]), torch.Size([n]), torch.Size([n, d])):
+        raise VAEPriorsError(
+            f"`log_var` must be a scalar (shared isotropic), [N] (isotropic per component) or "
+            f"[N, d] (diagonal per component) with N = {n}, d = {d}; got {tuple(log_var.shape)}"
+        )
+    return _checks.finite(log_var.to(z.dtype), "log_var")
+
+
+def _check_log_weights(log_weights: Tensor | None, z: Tensor, n: int) -> Tensor | None:
+    if log_weights is None:
+        return None
+    _checks.floating(log_weights, "log_weights")
+    if log_weights.shape != (n,):
+        raise VAEPriorsError(f"`log_weights` must have shape [N] = [{n}], got {tuple(log_weights.shape)}")
+    if _checks.validation_enabled() and bool(torch.isnan(log_weights).any() | torch.isposinf(log_weights).any()):
+        raise VAEPriorsError("`log_weights` must not hold NaN or +inf (-inf, a zero weight, is allowed)")
+    return log_weights.to(z.dtype)
+
+
+def mixture_logsumexp(
+    z: Tensor,
+    means: Tensor,
+    log_var: Tensor | float,
+    log_weights: Tensor | None = None,
+    exclude: Tensor | None = None,
+    *,
+    backend: str = "auto",
+    memory_budget: int | None = None,
+) -> LogSumExp:
+    r"""The partial log-sum-exp of a Gaussian mixture over a shard of components.
+
+    For each query :math:`z_i` it reduces :math:`\log \sum_{j \ne e_i} w_j \mathcal N(z_i;
+    \mu_j, \mathrm{diag}(s_j^2))` and returns it as a :class:`LogSumExp` (``max``, ``sum``),
+    so that shards of components, computed anywhere, combine exactly with
+    :meth:`LogSumExp.combine`. The weights are used as given (``None``: every :math:`w_j = 1`).
+
+    Arguments:
+        z: queries, shape ``[*batch, d]``.
+        means: component means, ``[N, d]``.
+        log_var: log-variances: a scalar (shared isotropic), ``[N]`` or ``[N, d]``.
+        log_weights: log-weights ``[N]``; ``-inf`` (zero weight) is allowed.
+        exclude: component excluded per query, ``[*batch]`` integers in ``[0, N)``, or ``-1``
+            for none. The exclusion happens inside the reduction (exact leave-one-out).
+        backend: one of :data:`BACKENDS`.
+        memory_budget: bytes the backend may use for temporaries (``auto`` and ``chunked``).
+
+    Returns:
+        A :class:`LogSumExp` whose fields have shape ``[*batch]``.
+    """
+    z, means, exclude = _prepare(z, means, exclude)
+    n, d = means.shape
+    log_var = _check_log_var(log_var, z, n, d)
+    log_weights = _check_log_weights(log_weights, z, n)
+    batch = z.shape[:-1]
+    flat = z.reshape(-1, d)
+    ex = exclude.reshape(-1) if exclude is not None else None
+    a = component_constants(log_var, log_weights, n, d)
+    name = _resolve(backend, "logsumexp", flat.shape[0], n, d, z, memory_budget)
+    part = _IMPLS[name][0](flat, means, log_var, a, ex)
+    return LogSumExp(part.max.reshape(batch), part.sum.reshape(batch))
+
+
+def mixture_log_prob(
+    z: Tensor,
+    means: Tensor,
+    log_var: Tensor | float,
+    log_weights: Tensor | None = None,
+    exclude: Tensor | None = None,
+    *,
+    backend: str = "auto",
+    memory_budget: int | None = None,
+) -> Tensor:
+    r"""Log-density of a Gaussian mixture, exact over every component.
+
+    .. math:: \log p(z_i) = \log \sum_{j \ne e_i} w_j\, \mathcal N(z_i; \mu_j, \mathrm{diag}(s_j^2))
+
+    With ``log_weights=None`` the weights are uniform over the components each query sees:
+    :math:`1/N`, or :math:`1/(N-1)` for a query with an excluded component (leave-one-out).
+    Given ``log_weights`` are used as they are (normalise them yourself). Differentiable
+    w.r.t. ``z``, ``means``, ``log_var`` and ``log_weights``.
+
+    Arguments:
+        z: queries, shape ``[*batch, d]``.
+        means: component means, ``[N, d]``.
+        log_var: log-variances: a scalar (shared isotropic), ``[N]`` or ``[N, d]``.
+        log_weights: log-weights ``[N]``, or ``None`` for uniform.
+        exclude: component excluded per query, ``[*batch]`` integers (``-1``: none).
+        backend: one of :data:`BACKENDS`; ``"auto"`` picks by device, dtype and shape.
+        memory_budget: bytes the backend may use for temporaries.
+
+    Returns:
+        The log-densities, shape ``[*batch]``.
+
+    Example:
+        >>> z, mu = torch.zeros(3, 2), torch.randn(5, 2)
+        >>> mixture_log_prob(z, mu, torch.tensor(0.0)).shape
+        torch.Size([3])
+    """
+    part = mixture_logsumexp(
+        z, means, log_var, log_weights, exclude, backend=backend, memory_budget=memory_budget
+    )
+    value = part.log()
+    if log_weights is None:
+        n = means.shape[0]
+        if exclude is None:
+            value = value - math.log(n)
+        else:
+            kept = n - (torch.as_tensor(exclude, device=value.device).expand(value.shape) >= 0).to(value.dtype)
+            value = value - kept.log()
+    return value
+
+
+def knn(
+    queries: Tensor,
+    points: Tensor,
+    k: int,
+    exclude: Tensor | None = None,
+    *,
+    backend: str = "auto",
+    memory_budget: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    r"""Exact k nearest neighbours (Euclidean) of each query among ``points``.
+
+    Arguments:
+        queries: shape ``[*batch, d]``.
+        points: ``[N, d]``.
+        k: neighbours per query, ``1 <= k <= N`` (``N - 1`` with ``exclude``).
+        exclude: a point index per query never returned (``-1``: none), ``[*batch]``.
+        backend: one of :data:`BACKENDS`.
+        memory_budget: bytes the backend may use for temporaries.
+
+    Returns:
+        ``(sq_dist, index)``, both ``[*batch, k]``, sorted by increasing distance; the
+        squared distances are recomputed exactly from the differences. No gradient flows.
+
+    Example:
+        >>> d2, idx = knn(torch.zeros(1, 2), torch.tensor([[3.0, 0], [1, 0], [2, 0]]), k=2)
+        >>> idx
+        tensor([[1, 2]])
+    """
+    queries, points, exclude = _prepare(queries, points, exclude)
+    n, d = points.shape
+    k = _checks.positive_int(k, "k")
+    limit = n - 1 if exclude is not None else n
+    if k > limit:
+        raise VAEPriorsError(f"`k` must be at most {limit} (the number of candidate points), got {k}")
+    batch = queries.shape[:-1]
+    with torch.no_grad():
+        flat = queries.reshape(-1, d).detach()
+        ex = exclude.reshape(-1) if exclude is not None else None
+        name = _resolve(backend, "knn", flat.shape[0], n, d, queries, memory_budget)
+        _, idx = _IMPLS[name][1](flat, points.detach(), k, ex)
+        d2 = (flat[:, None, :] - points[idx]).pow(2).sum(-1)
+        d2, order = d2.sort(dim=1)
+        idx = idx.gather(1, order)
+    return d2.reshape(*batch, k), idx.reshape(*batch, k)
