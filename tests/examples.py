@@ -7,6 +7,7 @@ To add a prior, append a `PriorExample`.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -45,28 +46,42 @@ def mixture_reference64(z: Tensor, means: Tensor, log_var: Tensor, log_w: Tensor
 
 @dataclass
 class PriorExample:
+    """`make(d)` builds a float32 prior bound to an encoder; `reference(prior, z)` is an
+    independent float64 log p(z); `components(prior)`, for mixtures, gives float64
+    (means [K, d], log_var [K, d], log_w [K]) for checks of sampling statistics."""
+
     name: str
-    make: Callable[[int], nn.Module]  # latent_dim -> prior (float32, cpu, bound)
-    reference: Callable[[nn.Module, Tensor], Tensor]  # (prior, z) -> float64 log p(z)
+    make: Callable[[int], nn.Module]
+    reference: Callable[[nn.Module, Tensor], Tensor]
+    components: Callable[[nn.Module], tuple[Tensor, Tensor, Tensor]] | None = None
 
 
-def _gaussian_ref(prior: nn.Module, z: Tensor) -> Tensor:
-    return normal_log_density64(z, torch.zeros(()), torch.zeros(()))
+def from_components(components: Callable) -> Callable[[nn.Module, Tensor], Tensor]:
+    """The float64 reference log-density of a prior given by its mixture components."""
+    return lambda prior, z: mixture_reference64(z, *components(prior))
 
 
-def _mog_ref(prior: vp.MixturePrior, z: Tensor) -> Tensor:
+def _gaussian_components(prior: vp.GaussianPrior) -> tuple[Tensor, Tensor, Tensor]:
+    d = prior.latent_dim
+    return torch.zeros(1, d, dtype=torch.float64), torch.zeros(1, d, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+
+
+def _mog_components(prior: vp.MixturePrior) -> tuple[Tensor, Tensor, Tensor]:
     k = prior.n_components
-    log_w = torch.log_softmax(prior.logits.double(), 0) if prior.logits is not None else torch.full((k,), -math.log(k))
-    return mixture_reference64(z, prior.means, prior.log_var, log_w)
+    if prior.logits is not None:
+        log_w = torch.log_softmax(prior.logits.detach().double(), 0)
+    else:
+        log_w = torch.full((k,), -math.log(k), dtype=torch.float64)
+    return prior.means.detach().double(), prior.log_var.detach().double(), log_w
 
 
-def _vamp_ref(prior: vp.VampPrior, z: Tensor) -> Tensor:
+def _vamp_components(prior: vp.VampPrior) -> tuple[Tensor, Tensor, Tensor]:
+    # A float64 copy of the encoder, so the reference does not share the prior's precision.
+    enc = copy.deepcopy(prior.encoder).double()
     with torch.no_grad():
-        enc = prior.encoder.double()
-        m, lv = enc(prior.pseudo_inputs.double())
-        prior.encoder.to(prior.pseudo_inputs.dtype)
+        m, lv = enc(prior.pseudo_inputs.detach().double())
     k = prior.n_components
-    return mixture_reference64(z, m, lv, torch.full((k,), -math.log(k)))
+    return m, lv, torch.full((k,), -math.log(k), dtype=torch.float64)
 
 
 def _mog(d: int, learn: bool) -> vp.MixturePrior:
@@ -82,9 +97,13 @@ def _vamp(d: int) -> vp.VampPrior:
     return vp.VampPrior(torch.rand(7, INPUT_DIM)).bind(ToyEncoder(d))
 
 
+def _mixture_example(name: str, make: Callable, components: Callable) -> PriorExample:
+    return PriorExample(name, make, from_components(components), components)
+
+
 PRIOR_EXAMPLES: list[PriorExample] = [
-    PriorExample("gaussian", lambda d: vp.GaussianPrior(d), _gaussian_ref),
-    PriorExample("mog", lambda d: _mog(d, True), _mog_ref),
-    PriorExample("mog-uniform", lambda d: _mog(d, False), _mog_ref),
-    PriorExample("vamp", _vamp, _vamp_ref),
+    _mixture_example("gaussian", lambda d: vp.GaussianPrior(d), _gaussian_components),
+    _mixture_example("mog", lambda d: _mog(d, True), _mog_components),
+    _mixture_example("mog-uniform", lambda d: _mog(d, False), _mog_components),
+    _mixture_example("vamp", _vamp, _vamp_components),
 ]

@@ -37,6 +37,11 @@ class ELBOOutput(NamedTuple):
     z: Tensor
 
 
+def _owner(f: Callable) -> nn.Module | None:
+    owner = getattr(f, "__self__", None)
+    return owner if isinstance(owner, nn.Module) else None
+
+
 class ExemplarELBO(nn.Module):
     r"""Wraps a user's encoder and decoder with any prior into the ELBO.
 
@@ -54,6 +59,10 @@ class ExemplarELBO(nn.Module):
             ``batch_shape + event_shape`` is ``[n, *x.shape[1:]]`` (Bernoulli,
             ContinuousBernoulli, Normal, ...), or a callable ``x [n, ...] -> log p(x|z) [n]``.
         prior: any :class:`~vaepriors.Prior`; it is bound to ``encoder``.
+
+    Modules passed as ``encoder`` / ``decoder`` are registered as submodules; for bound
+    methods such as ``vae.encode``, their module is registered (as ``model``), so
+    ``elbo.parameters()`` holds every parameter to train.
         n_samples: latent samples per data point (averaged).
         kl_weight: the default :math:`\beta` of ``loss`` (KL warm-up); see :meth:`forward`.
         analytic_kl: use the prior's closed-form KL where it has one.
@@ -90,6 +99,15 @@ class ExemplarELBO(nn.Module):
         self.encoder = encoder
         self.decoder = decoder
         self.prior = prior
+        # Bound methods (``vae.encode``) hide their module's parameters: register the owners
+        # too, so that ``elbo.parameters()`` is everything an optimiser must train.
+        owners = [_owner(f) for f in (encoder, decoder) if not isinstance(f, nn.Module)]
+        owners = [o for i, o in enumerate(owners) if o is not None and not any(o is p for p in owners[:i])]
+        owners = [o for o in owners if o is not encoder and o is not decoder]
+        if len(owners) == 1:
+            self.model = owners[0]
+        elif len(owners) == 2:
+            self.encoder_owner, self.decoder_owner = owners
         prior.bind(encoder)
         self.n_samples = _checks.positive_int(n_samples, "n_samples")
         self.kl_weight = self._check_weight(kl_weight)

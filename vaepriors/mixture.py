@@ -36,6 +36,8 @@ def sample_mixture(
     """
     n, d = means.shape
     count = shape.numel()
+    if count == 0:
+        return means.new_zeros(*shape, d)
     if log_weights is None:
         j = torch.randint(n, (count,), device=means.device, generator=generator)
     else:
