@@ -20,8 +20,8 @@ class LogSumExp(NamedTuple):
     Example:
         >>> a = LogSumExp(torch.tensor([0.0]), torch.tensor([2.0]))
         >>> b = LogSumExp(torch.tensor([1.0]), torch.tensor([1.0]))
-        >>> LogSumExp.combine([a, b]).log()
-        tensor([1.6201])
+        >>> LogSumExp.combine([a, b]).log()  # log(2 e^0 + 1 e^1)
+        tensor([1.5514])
     """
 
     max: Tensor
