@@ -21,3 +21,15 @@ def test_code_blocks_run(page: Path, tmp_path, monkeypatch):
     namespace: dict = {"__name__": f"doc:{page.name}"}
     for i, code in enumerate(BLOCK.findall(page.read_text())):
         exec(compile(code, f"{page.name}[block {i}]", "exec"), namespace)
+
+
+def test_documentation_builds_without_warnings(tmp_path):
+    pytest.importorskip("sphinx")
+    pytest.importorskip("myst_parser")
+    pytest.importorskip("furo")
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html", str(ROOT / "docs"), str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-4000:]

@@ -52,6 +52,10 @@ class ExemplarELBO(nn.Module):
     :math:`\log q(z|x) - \log p(z)` on the same reparameterised samples as the
     reconstruction term.
 
+    Modules passed as ``encoder`` / ``decoder`` are registered as submodules; for bound
+    methods such as ``vae.encode``, their module is registered (as ``model``), so
+    ``elbo.parameters()`` holds every parameter to train.
+
     Arguments:
         encoder: ``x [B, ...] -> (mean, log_var)`` each ``[B, d]``, or a ``Normal`` /
             ``Independent(Normal, 1)`` over ``[B, d]``.
@@ -59,10 +63,6 @@ class ExemplarELBO(nn.Module):
             ``batch_shape + event_shape`` is ``[n, *x.shape[1:]]`` (Bernoulli,
             ContinuousBernoulli, Normal, ...), or a callable ``x [n, ...] -> log p(x|z) [n]``.
         prior: any :class:`~vaepriors.Prior`; it is bound to ``encoder``.
-
-    Modules passed as ``encoder`` / ``decoder`` are registered as submodules; for bound
-    methods such as ``vae.encode``, their module is registered (as ``model``), so
-    ``elbo.parameters()`` holds every parameter to train.
         n_samples: latent samples per data point (averaged).
         kl_weight: the default :math:`\beta` of ``loss`` (KL warm-up); see :meth:`forward`.
         analytic_kl: use the prior's closed-form KL where it has one.
