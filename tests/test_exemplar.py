@@ -620,3 +620,18 @@ def test_end_to_end_exemplar_elbo():
     ref_lp = rows_ref(ev.z, means64(enc, grey), prior.log_var, [range(40)] * 16, [40] * 16).reshape(2, 8)
     log_q = torch.distributions.Normal(*[t.double() for t in (enc(xb)[0], (0.5 * enc(xb)[1]).exp())]).log_prob(ev.z.double()).sum(-1)
     torch.testing.assert_close(ev.kl.double(), (log_q - ref_lp).mean(0), rtol=1e-4, atol=1e-4)
+
+
+# -- the shared examples (tests/examples.py) ----------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["exemplar", "exemplar-train", "exemplar-rat"])
+def test_prior_examples_match_their_reference(name, dtype):
+    from examples import PRIOR_EXAMPLES
+
+    ex = next(e for e in PRIOR_EXAMPLES if e.name == name)
+    prior = ex.make(3).to(dtype)
+    prior.encoder.to(dtype)
+    z = torch.randn(4, 2, 3, dtype=dtype)
+    torch.testing.assert_close(prior.log_prob(z).double(), ex.reference(prior, z), **tol(dtype))
+    assert isinstance(prior, vp.Prior)
