@@ -635,3 +635,54 @@ def test_prior_examples_match_their_reference(name, dtype):
     z = torch.randn(4, 2, 3, dtype=dtype)
     torch.testing.assert_close(prior.log_prob(z).double(), ex.reference(prior, z), **tol(dtype))
     assert isinstance(prior, vp.Prior)
+
+
+def test_chunked_encoding_and_work_per_call(capsys):
+    rows = []
+
+    class Counting(Enc):
+        def forward(self, x):
+            rows.append(x.shape[0])
+            return super().forward(x)
+
+    torch.manual_seed(0)
+    enc = Counting(3)
+    x = torch.rand(10, D_IN)
+    z, idx = torch.randn(4, 3), torch.tensor([0, 1, 2, 3])
+    whole = ExemplarPrior(x).bind(enc).log_prob(z, index=idx)
+    chunked = ExemplarPrior(x, chunk_size=3, progress=True).bind(enc)
+    sub = ExemplarPrior(x, n_subsample=4).bind(enc)
+    assert chunked.latent_dim == sub.latent_dim == 3  # (encodes one exemplar each)
+    rows.clear()
+    torch.testing.assert_close(chunked.log_prob(z, index=idx), whole)
+    assert rows == [3, 3, 3, 1]  # every exemplar, re-encoded at every training call
+    rows.clear()
+    sub.log_prob(z, index=idx)
+    assert sum(rows) == 5  # only the M + 1 drawn exemplars
+    rows.clear()
+    chunked.eval().log_prob(z)
+    assert "encoding exemplars" in capsys.readouterr().err  # the progress bar
+    assert chunked.sample_around(torch.rand(0, D_IN), (2,)).shape == (2, 0, 3)
+
+
+@pytest.mark.parametrize("log_var", [-12.0, 12.0])
+@pytest.mark.parametrize("kw", [{}, {"n_subsample": 4}, {"k": 3}])
+def test_extreme_variances(log_var, kw):
+    prior, enc, x = make(n=8, **kw)
+    with torch.no_grad():
+        prior.log_var.fill_(log_var)
+    z = torch.randn(3, 3) * 3
+    idx = torch.tensor([0, 4, 7])
+    got = prior.log_prob(z, index=idx)
+    assert torch.isfinite(got).all()
+    mu = means64(enc, x)
+    if "n_subsample" in kw:
+        sets, norm = subset_rows(prior.last_subset, idx, 4), 4
+    else:
+        sets, norm = [[j for j in range(8) if j != i] for i in idx.tolist()], 7
+    if "k" in kw:
+        sets = prior.last_neighbours.tolist()
+    torch.testing.assert_close(got.double(), rows_ref(z, mu, log_var, sets, [norm] * 3), rtol=1e-5, atol=1e-4)
+    prior.eval()
+    full = rows_ref(z, mu, log_var, [range(8)] * 3, [8] * 3)
+    torch.testing.assert_close(prior.log_prob(z).double(), full, rtol=1e-5, atol=1e-4)

@@ -245,12 +245,12 @@ class ExemplarPrior(BasePrior):
     # -- the exemplar set --------------------------------------------------------------
     @property
     def n_exemplars(self) -> int:
-        """N, the number of exemplars."""
+        r"""N, the number of exemplars."""
         return self.exemplars.shape[0]
 
     @property
     def input_shape(self) -> torch.Size:
-        """The shape of one exemplar."""
+        r"""The shape of one exemplar."""
         return self.exemplars.shape[1:]
 
     def _check_sizes(self, n: int) -> None:
@@ -270,8 +270,9 @@ class ExemplarPrior(BasePrior):
         r"""Swaps in another exemplar set (e.g. a larger one for generation after training);
         returns ``self``.
 
-        The new set must have the same input shape; it is moved to the current device. The
-        evaluation cache is dropped and the RAT cache resized (rebuilt now if it was built).
+        The new set must have the same input shape; it is moved to the current device and
+        dtype. The evaluation cache is dropped and the RAT cache resized (rebuilt now if it
+        was built).
 
         Arguments:
             data: a tensor ``[N', *input_shape]`` or a Dataset, as for the constructor.
@@ -284,7 +285,7 @@ class ExemplarPrior(BasePrior):
             )
         self._check_sizes(x.shape[0])
         was_built = self.k is not None and self._cache_built()
-        self.exemplars = x.to(self.exemplars.device)
+        self.exemplars = x.to(self.exemplars)
         self.invalidate_cache()
         if self.k is not None:
             self.rat_cache = self.rat_cache.new_zeros(0, 0)
@@ -296,7 +297,7 @@ class ExemplarPrior(BasePrior):
     def _encode(self, x: Tensor, progress: bool = False) -> Tensor:
         """Encoder means of inputs ``[n, *input_shape]`` -> ``[n, d]``, in chunks."""
         n, cs = x.shape[0], self.chunk_size
-        starts = range(0, n, cs)
+        starts = range(0, max(n, 1), cs)  # an empty input still gives [0, d]
         if progress:
             from tqdm.auto import tqdm
 
@@ -304,9 +305,10 @@ class ExemplarPrior(BasePrior):
         parts = []
         for s in starts:
             mean, _ = self.encode(x[s : s + cs])
-            if mean.shape != (min(cs, n - s), self._latent_dim):
+            rows = max(min(cs, n - s), 0)
+            if mean.shape != (rows, self._latent_dim):
                 raise VAEPriorsError(
-                    f"`encoder` must map exemplars [n, *input_shape] = {(min(cs, n - s), *x.shape[1:])} to means "
+                    f"`encoder` must map exemplars [n, *input_shape] = {(rows, *x.shape[1:])} to means "
                     f"[n, d]; got {tuple(mean.shape)}"
                 )
             parts.append(mean)
@@ -345,7 +347,7 @@ class ExemplarPrior(BasePrior):
         )
 
     def invalidate_cache(self) -> None:
-        """Drops the cached evaluation means (they are recomputed on the next call)."""
+        r"""Drops the cached evaluation means (they are recomputed on the next call)."""
         self._eval_cache = None
 
     def _eval_means(self) -> Tensor:
@@ -359,6 +361,8 @@ class ExemplarPrior(BasePrior):
         return means
 
     def train(self, mode: bool = True) -> "ExemplarPrior":
+        r"""Sets training (``True``) or evaluation mode, as for any module; drops the
+        evaluation cache."""
         self.invalidate_cache()
         return super().train(mode)
 
@@ -367,7 +371,7 @@ class ExemplarPrior(BasePrior):
         return self.rat_cache.shape == (self.n_exemplars, self._latent_dim)
 
     def refresh_cache(self) -> None:
-        """Recomputes the RAT cache of all N latent means (no gradients)."""
+        r"""Recomputes the RAT cache of all N latent means (no gradients)."""
         if self.k is None:
             raise VAEPriorsError("refresh_cache() needs a RAT prior (construct it with `k`)")
         with torch.no_grad():
@@ -383,7 +387,12 @@ class ExemplarPrior(BasePrior):
 
     def observe(self, mean: Tensor, index: Tensor) -> None:
         r"""Writes the encoder means ``[B, d]`` of exemplars ``index`` ``[B]`` into the RAT
-        cache (a no-op without RAT or before the cache is built)."""
+        cache (a no-op without RAT or before the cache is built).
+
+        :class:`~vaepriors.ExemplarELBO` calls it with the means of the training batch; when
+        the exemplars differ from the training inputs (grey-level vs binarised), those stand
+        in for the exemplars' own until retrieved or refreshed. Any cache content keeps the
+        RAT objective a lower bound; only which neighbours are found depends on it."""
         if self.k is None or not self._cache_built():
             return
         mean = _checks.latent(mean, self._latent_dim, "mean")
@@ -395,7 +404,7 @@ class ExemplarPrior(BasePrior):
             self.rat_cache[index[keep].to(self.rat_cache.device)] = mean[keep].detach().to(self.rat_cache)
 
     def on_epoch_end(self, epoch: int) -> None:
-        """Refreshes the RAT cache fully every ``refresh_every`` calls (if it is built)."""
+        r"""Refreshes the RAT cache fully every ``refresh_every`` calls (if it is built)."""
         if self.k is None:
             return
         self._epochs_since_refresh += 1
