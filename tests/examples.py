@@ -107,3 +107,31 @@ PRIOR_EXAMPLES: list[PriorExample] = [
     _mixture_example("mog-uniform", lambda d: _mog(d, False), _mog_components),
     _mixture_example("vamp", _vamp, _vamp_components),
 ]
+
+
+# -- ExemplarPrior ----------------------------------------------------------------------------
+
+
+def _exemplar_ref(prior: vp.ExemplarPrior, z: Tensor) -> Tensor:
+    """Evaluation (and training without index or subsampling): the full uniform mixture."""
+    with torch.no_grad():
+        enc = prior.encoder.double()
+        m, _ = enc(prior.exemplars.double())
+        prior.encoder.to(prior.exemplars.dtype)
+    n = prior.n_exemplars
+    log_var = prior.log_var.detach().double().expand(n, m.shape[-1])
+    return mixture_reference64(z, m, log_var, torch.full((n,), -math.log(n), dtype=torch.float64))
+
+
+def _exemplar(d: int, train: bool = False, **kwargs) -> vp.ExemplarPrior:
+    prior = vp.ExemplarPrior(torch.rand(9, INPUT_DIM), init_log_var=-0.5, **kwargs).bind(ToyEncoder(d))
+    return prior.train(train)
+
+
+PRIOR_EXAMPLES += [
+    PriorExample("exemplar", _exemplar, _exemplar_ref),
+    # Training mode without `index` and without subsampling is the same full mixture.
+    PriorExample("exemplar-train", lambda d: _exemplar(d, train=True), _exemplar_ref),
+    # RAT and subsampling only change training; evaluation stays exact.
+    PriorExample("exemplar-rat", lambda d: _exemplar(d, n_subsample=6, k=3), _exemplar_ref),
+]

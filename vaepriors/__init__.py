@@ -5,10 +5,12 @@ Swap the prior of your own VAE in one line::
     loss = ExemplarELBO(my_encoder, my_decoder, VampPrior.from_data(x)).forward(x).loss
 """
 
+from .augment import ExemplarAugmenter, augment_batch
 from .elbo import ELBOOutput, ExemplarELBO
 from .encoder import gaussian_params
 from .engine import knn, mixture_log_prob, mixture_logsumexp
 from .errors import VAEPriorsError, set_validation
+from .exemplar import ExemplarPrior, decoded_input
 from .gaussian import GaussianPrior
 from .mixture import MixturePrior
 from .prior import BasePrior, Prior
@@ -19,12 +21,16 @@ __version__ = "0.1.0"
 __all__ = [
     "BasePrior",
     "ELBOOutput",
+    "ExemplarAugmenter",
     "ExemplarELBO",
+    "ExemplarPrior",
     "GaussianPrior",
     "MixturePrior",
     "Prior",
     "VAEPriorsError",
     "VampPrior",
+    "augment_batch",
+    "decoded_input",
     "gaussian_params",
     "knn",
     "mixture_log_prob",

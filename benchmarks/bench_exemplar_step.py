@@ -1,0 +1,201 @@
+r"""Time one training step (forward + backward + Adam) of an MLP VAE on 28x28 inputs under three
+priors, side by side in one run: ExemplarPrior with full exemplar subsampling (M exemplars
+re-encoded per step), ExemplarPrior with RAT (k neighbours), and the Gaussian prior.
+
+Random grey-level data stands in for MNIST (the step cost does not depend on the pixels);
+the batch is binarised, the exemplars are not, as in the paper. The configurations run in
+interleaved rounds so that machine noise hits them alike; the table gives median step times
+and their ratio to the Gaussian prior's.
+
+    python benchmarks/bench_exemplar_step.py --device cpu --threads 1 --steps 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's vaepriors
+import vaepriors as vp  # noqa: E402
+
+D_IN = 28 * 28
+
+
+class MLPEncoder(nn.Module):
+    def __init__(self, d: int, hidden: int = 300) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(D_IN, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
+        self.head = nn.Linear(hidden, 2 * d)
+
+    def forward(self, x):
+        mean, log_var = self.head(self.net(x)).chunk(2, -1)
+        return mean, log_var.clamp(-8, 4)
+
+
+class MLPDecoder(nn.Module):
+    def __init__(self, d: int, hidden: int = 300) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, D_IN)
+        )
+
+    def forward(self, z):
+        return torch.distributions.Bernoulli(logits=self.net(z))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per configuration and round")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    ap.add_argument("--full-steps", type=int, default=None, help="steps for full subsampling (default: --steps // 3, >= 1)")
+    ap.add_argument("--n-exemplars", type=int, default=50_000)
+    ap.add_argument("--subsample", type=int, default=25_000)
+    ap.add_argument("-k", type=int, default=10)
+    ap.add_argument("--batch", type=int, default=100)
+    ap.add_argument("--latent", type=int, default=40)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    n, b, d = args.n_exemplars, args.batch, args.latent
+    data = torch.rand(n, D_IN, device=device)  # grey-level exemplars (and training set)
+    enc0, dec0 = MLPEncoder(d).to(device), MLPDecoder(d).to(device)
+    full_steps = args.full_steps or max(1, args.steps // 3)
+
+    configs = {
+        "gaussian": (lambda: vp.GaussianPrior(d), args.steps),
+        f"subsample M={args.subsample}": (lambda: vp.ExemplarPrior(data, n_subsample=args.subsample, generator=0), full_steps),
+        f"RAT k={args.k}": (lambda: vp.ExemplarPrior(data, k=args.k, generator=0), args.steps),
+    }
+    runs = {}
+    for name, (make, steps) in configs.items():
+        enc, dec = copy.deepcopy(enc0), copy.deepcopy(dec0)
+        prior = make().to(device)
+        elbo = vp.ExemplarELBO(enc, dec, prior)
+        opt = torch.optim.Adam(elbo.parameters(), lr=5e-4)
+        runs[name] = dict(elbo=elbo, opt=opt, steps=steps, times=[])
+
+    gen = torch.Generator().manual_seed(1)
+
+    def step(run) -> float:
+        idx = torch.randint(n, (b,), generator=gen).to(device)
+        x = torch.bernoulli(data[idx])
+        sync(device)
+        t0 = time.perf_counter()
+        out = run["elbo"](x, idx)
+        run["opt"].zero_grad(set_to_none=True)
+        out.loss.backward()
+        run["opt"].step()
+        sync(device)
+        return time.perf_counter() - t0
+
+    # Warm-up: one step each (this builds the RAT cache: timed separately).
+    for name, run in runs.items():
+        prior = run["elbo"].prior
+        if getattr(prior, "k", None) is not None:
+            sync(device)
+            t0 = time.perf_counter()
+            prior.refresh_cache()
+            sync(device)
+            run["cache_build_s"] = time.perf_counter() - t0
+        step(run)
+    # The RAT step's retrieval alone: the engine's exact kNN of the batch in the N cached means.
+    rat = next(run for name, run in runs.items() if name.startswith("RAT"))
+    knn_run = dict(steps=args.steps, times=[])
+
+    def knn_only() -> float:
+        prior = rat["elbo"].prior
+        idx = torch.randint(n, (b,), generator=gen).to(device)
+        q = prior.rat_cache[idx] + 0.1 * torch.randn(b, d, device=device)
+        sync(device)
+        t0 = time.perf_counter()
+        vp.knn(q, prior.rat_cache, args.k, exclude=idx)
+        sync(device)
+        return time.perf_counter() - t0
+
+    for r in range(args.rounds):
+        for name, run in runs.items():
+            run["times"] += [step(run) for _ in range(run["steps"])]
+            print(f"round {r} {name}: median {1e3 * statistics.median(run['times']):.1f} ms", flush=True)
+        knn_run["times"] += [knn_only() for _ in range(args.steps)]
+    runs[f"(RAT part: engine knn, {b} x {n})"] = knn_run
+
+    base = statistics.median(runs["gaussian"]["times"])
+    rows = []
+    for name, run in runs.items():
+        t = run["times"]
+        rows.append(
+            dict(
+                prior=name,
+                median_ms=1e3 * statistics.median(t),
+                min_ms=1e3 * min(t),
+                max_ms=1e3 * max(t),
+                steps=len(t),
+                ratio_to_gaussian=statistics.median(t) / base,
+                cache_build_s=run.get("cache_build_s"),
+            )
+        )
+    tag = device.type
+    meta = dict(
+        date=datetime.datetime.now().isoformat(timespec="seconds"),
+        device=str(device),
+        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        torch=torch.__version__,
+        threads=args.threads,
+        n_exemplars=n,
+        batch=b,
+        latent_dim=d,
+        subsample=args.subsample,
+        k=args.k,
+        rounds=args.rounds,
+        load_average=list(os.getloadavg()),
+        model="MLP VAE 784-300-300-(2x40) / 40-300-300-784 Bernoulli, ReLU, Adam lr 5e-4",
+        data="random grey-level exemplars, binarised batches",
+        command=" ".join(["python benchmarks/bench_exemplar_step.py", *sys.argv[1:]]),
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"exemplar_step_{tag}.json").write_text(json.dumps(dict(meta=meta, results=rows), indent=2) + "\n")
+    lines = [
+        f"# Exemplar prior: one training step ({meta['device']}, {meta['device_name']}, torch {meta['torch']}, {args.threads} thread(s))",
+        "",
+        f"MLP VAE, batch {b}, d = {d}, N = {n} exemplars; fwd + bwd + Adam; median over interleaved rounds. "
+        f"{meta['date']}; load average at the end {', '.join(f'{v:.1f}' for v in meta['load_average'])} "
+        "(shared machine: compare ratios within this table only).",
+        "",
+        "| prior | median ms / step | min | max | steps timed | x Gaussian | cache build (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        cb = "-" if r["cache_build_s"] is None else f"{r['cache_build_s']:.2f}"
+        lines.append(
+            f"| {r['prior']} | {r['median_ms']:.1f} | {r['min_ms']:.1f} | {r['max_ms']:.1f} | {r['steps']} | "
+            f"{r['ratio_to_gaussian']:.2f} | {cb} |"
+        )
+    lines += ["", f"Command: `{meta['command']}`", ""]
+    (out / f"exemplar_step_{tag}.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
