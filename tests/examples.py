@@ -112,15 +112,14 @@ PRIOR_EXAMPLES: list[PriorExample] = [
 # -- ExemplarPrior ----------------------------------------------------------------------------
 
 
-def _exemplar_ref(prior: vp.ExemplarPrior, z: Tensor) -> Tensor:
+def _exemplar_components(prior: vp.ExemplarPrior) -> tuple[Tensor, Tensor, Tensor]:
     """Evaluation (and training without index or subsampling): the full uniform mixture."""
+    enc = copy.deepcopy(prior.encoder).double()
     with torch.no_grad():
-        enc = prior.encoder.double()
         m, _ = enc(prior.exemplars.double())
-        prior.encoder.to(prior.exemplars.dtype)
     n = prior.n_exemplars
     log_var = prior.log_var.detach().double().expand(n, m.shape[-1])
-    return mixture_reference64(z, m, log_var, torch.full((n,), -math.log(n), dtype=torch.float64))
+    return m, log_var, torch.full((n,), -math.log(n), dtype=torch.float64)
 
 
 def _exemplar(d: int, train: bool = False, **kwargs) -> vp.ExemplarPrior:
@@ -129,9 +128,9 @@ def _exemplar(d: int, train: bool = False, **kwargs) -> vp.ExemplarPrior:
 
 
 PRIOR_EXAMPLES += [
-    PriorExample("exemplar", _exemplar, _exemplar_ref),
+    _mixture_example("exemplar", _exemplar, _exemplar_components),
     # Training mode without `index` and without subsampling is the same full mixture.
-    PriorExample("exemplar-train", lambda d: _exemplar(d, train=True), _exemplar_ref),
+    _mixture_example("exemplar-train", lambda d: _exemplar(d, train=True), _exemplar_components),
     # RAT and subsampling only change training; evaluation stays exact.
-    PriorExample("exemplar-rat", lambda d: _exemplar(d, n_subsample=6, k=3), _exemplar_ref),
+    _mixture_example("exemplar-rat", lambda d: _exemplar(d, n_subsample=6, k=3), _exemplar_components),
 ]
