@@ -48,7 +48,8 @@ __all__ = [
 ]
 
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
-"""Bytes of temporaries a chunk of work may use by default (256 MiB)."""
+"""Bytes of temporaries a chunk of work may use by default on CPU (256 MiB); on a CUDA
+device the default is a quarter of its free memory."""
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -129,7 +130,11 @@ def _device_of(roots: Sequence[nn.Module]) -> torch.device | None:
     return None
 
 
-def _budget(memory_budget: object) -> int:
+def _budget(memory_budget: object, device: torch.device | None) -> int:
+    if memory_budget is None:
+        if device is not None and device.type == "cuda":
+            return max(DEFAULT_MEMORY_BUDGET, torch.cuda.mem_get_info(device)[0] // 4)
+        return DEFAULT_MEMORY_BUDGET
     return _checks.positive_int(memory_budget, "memory_budget")
 
 
@@ -250,7 +255,7 @@ def log_likelihood(
     data: Tensor | Iterable,
     n_samples: int = 5000,
     *,
-    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    memory_budget: int | None = None,
     batch_size: int = 256,
     device: torch.device | str | None = None,
     generator: torch.Generator | None = None,
@@ -279,7 +284,9 @@ def log_likelihood(
         data: a tensor ``[N, ...]``, or an iterable (e.g. a DataLoader) of batches ``x`` or
             ``(x, y, ...)``.
         n_samples: S, importance samples per point (5000 in the papers).
-        memory_budget: bytes of temporaries one chunk may use.
+        memory_budget: bytes of temporaries one chunk may use (default: 256 MiB on CPU, a
+            quarter of the free memory on a CUDA device). Raise it when the prior's engine
+            backend bounds its own temporaries: bigger chunks mean fewer calls.
         batch_size: points encoded at once when ``data`` is a tensor.
         device: where to compute (default: the model's device, else the data's).
         generator: a :class:`torch.Generator` on that device, for reproducible samples.
@@ -304,10 +311,10 @@ def log_likelihood(
     """
     model = _elbo_model(model)
     n_samples = _checks.positive_int(n_samples, "n_samples")
-    budget = _budget(memory_budget)
     batch_size = _checks.positive_int(batch_size, "batch_size")
     parts = _parts(model)
     dev = torch.device(device) if device is not None else _device_of(parts.roots)
+    budget = _budget(memory_budget, dev)
     batches, total = _batches(data, batch_size)
     k = _n_components(model.prior)
 
@@ -500,7 +507,7 @@ def knn_accuracy(
     k: int | Sequence[int] = (3, 5, 7, 9, 11, 13, 15),
     *,
     batch_size: int = 256,
-    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    memory_budget: int | None = None,
     device: torch.device | str | None = None,
 ) -> dict[int, float]:
     r"""Accuracy of k-nearest-neighbour classification in latent space.
@@ -518,7 +525,8 @@ def knn_accuracy(
         test_x: test inputs ``[M, ...]``; test_y: their integer labels ``[M]``.
         k: one or several numbers of neighbours, each in ``[1, N]`` (3..15 in the paper).
         batch_size: points encoded at once.
-        memory_budget: bytes the distance computation of one chunk of test points may use.
+        memory_budget: bytes the distance computation of one chunk of test points may use
+            (default as in :func:`log_likelihood`).
         device: where to compute (default: the model's device, else the data's).
 
     Returns:
@@ -546,10 +554,10 @@ def knn_accuracy(
         raise VAEPriorsError("`k` must name at least one number of neighbours")
     if ks[-1] > n:
         raise VAEPriorsError(f"`k` must be at most the number of training points {n}, got {ks[-1]}")
-    budget = _budget(memory_budget)
     batch_size = _checks.positive_int(batch_size, "batch_size")
     parts = _parts(model)
     dev = torch.device(device) if device is not None else _device_of(parts.roots)
+    budget = _budget(memory_budget, dev)
 
     with _evaluating(parts.roots):
         train_mean = _encode_all(parts.encode, train_x, batch_size, dev)[0]
@@ -720,7 +728,7 @@ def novelty_weights(
     *,
     k: int | None = None,
     batch_size: int = 256,
-    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    memory_budget: int | None = None,
     device: torch.device | str | None = None,
 ) -> tuple[Tensor, Tensor]:
     r"""The optimal decoder's weights of the training points at latents z, largest first.
@@ -739,7 +747,8 @@ def novelty_weights(
         train_x: the training inputs ``[N, ...]``.
         k: keep the k largest weights per query (``None``: all N).
         batch_size: training points encoded at once.
-        memory_budget: bytes of temporaries one chunk may use.
+        memory_budget: bytes of temporaries one chunk may use (default as in
+            :func:`log_likelihood`).
         device: where to compute (default: the model's device, else the data's).
 
     Returns:
@@ -762,10 +771,10 @@ def novelty_weights(
         k = _checks.positive_int(k, "k")
         if k > n:
             raise VAEPriorsError(f"`k` must be at most the number of training points {n}, got {k}")
-    budget = _budget(memory_budget)
     batch_size = _checks.positive_int(batch_size, "batch_size")
     parts = _parts(model)
     dev = torch.device(device) if device is not None else _device_of(parts.roots)
+    budget = _budget(memory_budget, dev)
     with _evaluating(parts.roots):
         means, log_var = _train_posteriors(parts, train_x, batch_size, dev)
         zq = _queries(z, means.shape[1]).to(device=means.device, dtype=torch.float64)
@@ -802,7 +811,7 @@ def novelty_diagnostics(
     *,
     decoder_mean: Callable[[Tensor], Tensor] | None = None,
     batch_size: int = 256,
-    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    memory_budget: int | None = None,
     device: torch.device | str | None = None,
 ) -> Novelty:
     r"""How close a decoder is to the optimal, memorising one at latents z.
@@ -824,7 +833,8 @@ def novelty_diagnostics(
         decoder_mean: ``z [Q, d] -> [Q, *x_shape]``, the decoder's output to compare
             (default: ``model.decoder(z).mean``).
         batch_size: training points encoded at once.
-        memory_budget: bytes of temporaries one chunk may use.
+        memory_budget: bytes of temporaries one chunk may use (default as in
+            :func:`log_likelihood`).
         device: where to compute (default: the model's device, else the data's).
 
     Returns:
@@ -842,11 +852,11 @@ def novelty_diagnostics(
         Shu et al., "Amortized Inference Regularization" (NeurIPS 2018), theorem 1.
     """
     train_x = _data_tensor(train_x, "train_x")
-    budget = _budget(memory_budget)
     batch_size = _checks.positive_int(batch_size, "batch_size")
     parts = _parts(model)
     mean_fn = _decoder_mean_fn(parts, decoder_mean)
     dev = torch.device(device) if device is not None else _device_of(parts.roots)
+    budget = _budget(memory_budget, dev)
     with _evaluating(parts.roots):
         means, log_var = _train_posteriors(parts, train_x, batch_size, dev)
         zq = _queries(z, means.shape[1]).to(means.device)
@@ -882,7 +892,7 @@ def novelty_report(
     generator: torch.Generator | None = None,
     decoder_mean: Callable[[Tensor], Tensor] | None = None,
     batch_size: int = 256,
-    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    memory_budget: int | None = None,
     device: torch.device | str | None = None,
 ) -> NoveltyReport:
     r"""Novelty diagnostics summarised over a set of latents.
