@@ -10,6 +10,15 @@ from .elbo import ELBOOutput, ExemplarELBO
 from .encoder import gaussian_params
 from .engine import knn, mixture_log_prob, mixture_logsumexp
 from .errors import VAEPriorsError, set_validation
+from .evaluation import (
+    active_units,
+    bits_per_dim,
+    knn_accuracy,
+    log_likelihood,
+    novelty_diagnostics,
+    novelty_report,
+    novelty_weights,
+)
 from .exemplar import ExemplarPrior, decoded_input
 from .gaussian import GaussianPrior
 from .mixture import MixturePrior
@@ -29,11 +38,18 @@ __all__ = [
     "Prior",
     "VAEPriorsError",
     "VampPrior",
+    "active_units",
     "augment_batch",
+    "bits_per_dim",
     "decoded_input",
     "gaussian_params",
     "knn",
+    "knn_accuracy",
+    "log_likelihood",
     "mixture_log_prob",
     "mixture_logsumexp",
+    "novelty_diagnostics",
+    "novelty_report",
+    "novelty_weights",
     "set_validation",
 ]
