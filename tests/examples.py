@@ -88,3 +88,22 @@ PRIOR_EXAMPLES: list[PriorExample] = [
     PriorExample("mog-uniform", lambda d: _mog(d, False), _mog_ref),
     PriorExample("vamp", _vamp, _vamp_ref),
 ]
+
+
+def _coreset(d: int) -> vp.PseudocoresetPrior:
+    # Two zero weights: those components must drop out of the density.
+    w = torch.tensor([0.0, 3.0, 1.5, 0.5, 2.0, 0.0, 3.0])
+    return vp.PseudocoresetPrior(torch.rand(7, INPUT_DIM), w, init_log_var=-0.3).bind(ToyEncoder(d))
+
+
+def _coreset_ref(prior: vp.PseudocoresetPrior, z: Tensor) -> Tensor:
+    with torch.no_grad():
+        enc = prior.encoder.double()
+        m, _ = enc(prior.pseudo_inputs.double())
+        prior.encoder.to(prior.pseudo_inputs.dtype)
+    log_var = prior.log_var.detach().double().expand(m.shape)
+    log_w = torch.log(prior.weights.double() / prior.n_total)
+    return mixture_reference64(z, m, log_var, log_w)
+
+
+PRIOR_EXAMPLES.append(PriorExample("pseudocoreset", _coreset, _coreset_ref))

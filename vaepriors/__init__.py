@@ -5,6 +5,7 @@ Swap the prior of your own VAE in one line::
     loss = ExemplarELBO(my_encoder, my_decoder, VampPrior.from_data(x)).forward(x).loss
 """
 
+from .coreset import PseudocoresetPrior
 from .elbo import ELBOOutput, ExemplarELBO
 from .encoder import gaussian_params
 from .engine import knn, mixture_log_prob, mixture_logsumexp
@@ -23,6 +24,7 @@ __all__ = [
     "GaussianPrior",
     "MixturePrior",
     "Prior",
+    "PseudocoresetPrior",
     "VAEPriorsError",
     "VampPrior",
     "gaussian_params",
