@@ -124,7 +124,10 @@ def loop_reference(logp_one, x, s):
     return torch.tensor([[float(logp_one(x[b], j)) for j in range(s)] for b in range(x.shape[0])], dtype=F64)
 
 
-@pytest.mark.parametrize("kind", ["bernoulli", "independent", "probs", "cbern", "normal", "normal-scalar", "laplace", "ind-laplace"])
+KINDS = ["bernoulli", "independent", "probs", "cbern", "normal", "normal-scalar", "laplace", "ind-laplace"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_pairwise_log_likelihood(kind, dtype):
     s, b, shape = 4, 5, (2, 3)
     logits = 3 * torch.randn(s, *shape, dtype=dtype)
@@ -269,7 +272,9 @@ def test_kl_decreases_over_updates_exact_sampler():
     kls = [grid_kl(prior.weights, prior.pseudo_inputs)]
     for _ in range(4):
         # Minibatches of 4 of the 8 points (scaled by N/B = 2), 25 steps per call.
-        prior.update_coreset(toy_decoder, X8, n_steps=25, batch_size=4, n_samples=64, sampler=exact_sampler(prior), progress=False)
+        prior.update_coreset(
+            toy_decoder, X8, n_steps=25, batch_size=4, n_samples=64, sampler=exact_sampler(prior), progress=False
+        )
         kls.append(grid_kl(prior.weights, prior.pseudo_inputs))
         assert (prior.weights >= 0).all() and abs(float(prior.weights.sum()) - 8) < 1e-9
     assert kls[0] > 0.5 and kls[-1] < 0.05 * kls[0], kls
@@ -352,13 +357,25 @@ def test_weights_stay_on_the_simplex_under_adversarial_gradients(data, m, n_tota
             assert torch.isfinite(b).all()
 
 
+@pytest.mark.parametrize("prior_dtype, grad_dtype", [(torch.float32, F64), (F64, torch.float32)])
+def test_apply_gradients_mixed_dtypes_and_huge_values(prior_dtype, grad_dtype):
+    prior = PseudocoresetPrior(torch.rand(3, 2, dtype=prior_dtype), n_total=6.0)
+    big = torch.finfo(grad_dtype).max
+    prior.apply_gradients(torch.tensor([big, -big, 0.0], dtype=grad_dtype), torch.full((3, 2), -big, dtype=grad_dtype))
+    assert prior.weights.dtype == prior_dtype and all(torch.isfinite(b).all() for b in prior.buffers())
+    # Adam's first step moves each coordinate by lr against the gradient's sign.
+    assert prior.weights[1] > prior.weights[2] > prior.weights[0]
+    assert abs(float(prior.weights.sum()) - 6.0) < 1e-5
+
+
 @given(scale=st.floats(0.01, 50.0), seed=st.integers(0, 2**16))
 def test_full_update_keeps_weights_valid(scale, seed):
     torch.manual_seed(seed)
     d, p = 2, 5
     W = scale * torch.randn(d, p)
     data = (torch.rand(40, p) > 0.5).float()
-    prior = PseudocoresetPrior.from_data(data, n_pseudo=6, lr_weights=0.5).bind(lambda x: (x[:, :d], torch.zeros(len(x), d)))
+    prior = PseudocoresetPrior.from_data(data, n_pseudo=6, lr_weights=0.5)
+    prior.bind(lambda x: (x[:, :d], torch.zeros(len(x), d)))
     prior.update_coreset(lambda z: Bernoulli(logits=z @ W), data, batch_size=10, n_samples=8, progress=False)
     w = prior.weights
     assert torch.isfinite(w).all() and (w >= 0).all() and abs(float(w.sum()) - 40) < 1e-3
@@ -563,7 +580,8 @@ def test_bad_update_arguments():
         prior.apply_gradients(torch.zeros(4), torch.zeros(5, 6))
     with pytest.raises(vp.VAEPriorsError, match="S >= 2"):
         prior.coreset_gradients(good, data, torch.zeros(1, 2))
-    for v, match in ((torch.zeros(0), "M >= 1"), (torch.tensor([1.0, float("nan")]), "NaN"), (torch.ones(2, 2), "vector")):
+    bad = ((torch.zeros(0), "M >= 1"), (torch.tensor([1.0, float("nan")]), "NaN"), (torch.ones(2, 2), "vector"))
+    for v, match in bad:
         with pytest.raises(vp.VAEPriorsError, match=match):
             project_simplex(v)
     with pytest.raises(vp.VAEPriorsError, match="total"):

@@ -305,7 +305,8 @@ class PseudocoresetPrior(BasePrior):
         data = _checks.floating(data, "data")
         m = _checks.positive_int(n_pseudo, "n_pseudo")
         if data.dim() < 1 or m > data.shape[0]:
-            raise VAEPriorsError(f"`n_pseudo` must be at most len(data) = {data.shape[0] if data.dim() else 0}, got {m}")
+            size = data.shape[0] if data.dim() else 0
+            raise VAEPriorsError(f"`n_pseudo` must be at most len(data) = {size}, got {m}")
         if isinstance(input_range, str):
             if input_range != "data":
                 raise VAEPriorsError(f'`input_range` must be "data", None or a pair (low, high), got {input_range!r}')
@@ -412,6 +413,8 @@ class PseudocoresetPrior(BasePrior):
         if z.dim() != 2 or z.shape[0] < 2:
             raise VAEPriorsError(f"`z` must have shape [S, d] with S >= 2 samples, got {tuple(z.shape)}")
         scale = self.n_total / x.shape[0] if scale is None else float(scale)
+        if not (scale > 0 and math.isfinite(scale)):
+            raise VAEPriorsError(f"`scale` must be a finite number > 0, got {scale}")
         with torch.no_grad():
             out = decoder(z.to(u.dtype))
             fx = pairwise_log_likelihood(out, x)  # [B, S]
@@ -420,7 +423,7 @@ class PseudocoresetPrior(BasePrior):
             fu = pairwise_log_likelihood(out, uu)  # [M, S]
         w = self.weights.double()
         fu64 = fu.detach().double()
-        if not (bool(torch.isfinite(fx).all()) and bool(torch.isfinite(fu64).all())):
+        if not bool(torch.isfinite(fx).all() & torch.isfinite(fu64).all()):
             raise VAEPriorsError(
                 "the decoder's log-likelihood of the data or of the pseudo-inputs is not finite; "
                 "check the decoder's output (e.g. probabilities of exactly 0 or 1) and `input_range`"
@@ -430,8 +433,6 @@ class PseudocoresetPrior(BasePrior):
         grad_w = -(fu64 @ c)
         (g,) = torch.autograd.grad(fu, uu, grad_outputs=c.to(fu.dtype).expand_as(fu))
         grad_u = -self.weights.reshape(-1, *[1] * (u.dim() - 1)) * g
-        if not (bool(torch.isfinite(grad_w).all()) and bool(torch.isfinite(grad_u).all())):
-            raise VAEPriorsError("the coreset gradients are not finite; check the decoder's log-likelihood")
         return grad_w, grad_u
 
     @torch.no_grad()
@@ -455,8 +456,10 @@ class PseudocoresetPrior(BasePrior):
                 f"`grad_weights` and `grad_inputs` must have shapes {tuple(w.shape)} and {tuple(u.shape)}, "
                 f"got {tuple(gw.shape)} and {tuple(gu.shape)}"
             )
-        if not (bool(torch.isfinite(gw).all()) and bool(torch.isfinite(gu).all())):
-            raise VAEPriorsError("`grad_weights` and `grad_inputs` must be finite")
+        if not bool(torch.isfinite(gw).all() & torch.isfinite(gu).all()):
+            raise VAEPriorsError(
+                "`grad_weights` and `grad_inputs` must be finite (check the decoder's log-likelihood)"
+            )
         b1, b2, eps = 0.9, 0.999, 1e-8
         self.adam_step += 1
         t = int(self.adam_step)
@@ -468,11 +471,11 @@ class PseudocoresetPrior(BasePrior):
         ):
             # Bound |g| so that g^2 cannot overflow the moments (1e18 in float32: far
             # above real KL gradients, ~N * pixels); keeps the state finite whatever g.
-            limit = math.sqrt(torch.finfo(m.dtype).max) / 4
-            g = g.double().clamp(-limit, limit).to(m.dtype)
+            limit = min(math.sqrt(torch.finfo(m.dtype).max) / 4, torch.finfo(g.dtype).max)
+            g = g.clamp(-limit, limit).to(m.dtype)
             m.mul_(b1).add_(g, alpha=1 - b1)
             v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            p.sub_(lr * (m / c1) / ((v / c2).sqrt() + eps))
+            p.addcdiv_(m, (v / c2).sqrt_().add_(eps), value=-lr / c1)
         w.copy_(project_simplex(w, self.n_total))
         if self.input_range is not None:
             u.clamp_(*self.input_range)
@@ -499,7 +502,9 @@ class PseudocoresetPrior(BasePrior):
         Each step draws ``n_samples`` latents from the prior (or ``sampler``), takes one
         minibatch, computes :meth:`coreset_gradients` (the batch sum scaled by N/B) and
         applies :meth:`apply_gradients`. By default it runs one pass over the data, with a
-        progress bar. No gradient reaches the VAE's parameters.
+        progress bar. No gradient reaches the VAE's parameters; put a VAE with dropout or
+        batch norm in ``eval()`` mode first, as the decoder (and, through :meth:`sample`,
+        the encoder) is called as it is.
 
         Arguments:
             decoder: ``z [S, d] ->`` a Distribution over ``[S, *input_shape]`` (the VAE's
@@ -511,7 +516,10 @@ class PseudocoresetPrior(BasePrior):
             n_steps: steps to take (cycling over the data); default one pass.
             batch_size: minibatch size when ``data`` is a tensor.
             n_samples: S, latent samples per step (at least 2).
-            sampler: ``S -> [S, d]`` latents to use instead of :meth:`sample`.
+            sampler: ``S -> [S, d]`` latents to use instead of :meth:`sample`. The default,
+                the mixture prior itself, is the paper's choice; the estimators are exact
+                gradients of the KL for samples from the pseudocoreset posterior (see
+                :meth:`coreset_gradients`), which a sampler (e.g. MCMC) can provide.
             progress: show a tqdm progress bar.
             generator: shuffles a tensor ``data`` reproducibly.
 
@@ -567,7 +575,7 @@ class PseudocoresetPrior(BasePrior):
             n_steps = _checks.positive_int(n_steps, "n_steps")
         if isinstance(data, Tensor):
             bs = _checks.positive_int(batch_size, "batch_size")
-            data = self._check_batch(data)
+            self._check_batch(data[:1] if data.dim() else data)  # shape; values: batch by batch
             if abs(data.shape[0] - self.n_total) > 1e-6 * self.n_total:
                 raise VAEPriorsError(
                     f"`data` has {data.shape[0]} points but the prior's weights sum to N = {self.n_total}"
@@ -579,7 +587,7 @@ class PseudocoresetPrior(BasePrior):
                 while True:
                     perm = torch.randperm(n, generator=generator).to(data.device)
                     for i in range(0, n, bs):
-                        yield data[perm[i : i + bs]]
+                        yield self._check_batch(data[perm[i : i + bs]])
 
             return (n_steps or per_pass), batches()
         if not isinstance(data, Iterable):
@@ -608,7 +616,9 @@ class PseudocoresetPrior(BasePrior):
         return n_steps, loader()
 
     # -- the schedule ----------------------------------------------------------------------
-    def schedule_updates(self, decoder: Decoder, data: Tensor | Iterable, *, every: int = 10, **kwargs: Any) -> "PseudocoresetPrior":
+    def schedule_updates(
+        self, decoder: Decoder, data: Tensor | Iterable, *, every: int = 10, **kwargs: Any
+    ) -> "PseudocoresetPrior":
         r"""Registers the decoder and data so that :meth:`on_epoch_end` runs
         :meth:`update_coreset` every ``every`` epochs; returns ``self``.
 
