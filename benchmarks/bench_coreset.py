@@ -80,6 +80,16 @@ class Decoder(nn.Module):
         return torch.distributions.Bernoulli(logits=self.net(z))
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -188,12 +198,10 @@ def main() -> None:
     meta = dict(
         date=datetime.datetime.now().isoformat(timespec="seconds"),
         device=str(device),
-        device_name=(
-            torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-        ),
+        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         threads=args.threads,
         torch=torch.__version__,
-        args=vars(args),
+        args={k: v for k, v in vars(args).items() if k != "out"},
         steps_per_epoch=steps_per_epoch,
         coreset_update_step_ms=1e3 * upd_step,
         coreset_update_pass_s=upd_pass,
