@@ -357,6 +357,18 @@ def test_weights_stay_on_the_simplex_under_adversarial_gradients(data, m, n_tota
             assert torch.isfinite(b).all()
 
 
+def test_adam_step_count_advances():
+    # With a constant gradient Adam's bias-corrected step is exactly lr at every step; a step
+    # counter stuck at 1 (a defect of the reference code) gives 1.34 lr at the second step.
+    prior = PseudocoresetPrior(torch.zeros(2, 3, dtype=F64), n_total=4.0, lr_inputs=0.01)
+    g = torch.tensor([[1.0, -2.0, 3.0], [0.5, 0.0, -1e4]], dtype=F64)
+    for t in (1, 2, 3):
+        before = prior.pseudo_inputs.clone()
+        prior.apply_gradients(torch.zeros(2, dtype=F64), g)
+        torch.testing.assert_close(prior.pseudo_inputs - before, -0.01 * torch.sign(g), rtol=1e-6, atol=1e-9)
+        assert int(prior.adam_step) == t
+
+
 @pytest.mark.parametrize("prior_dtype, grad_dtype", [(torch.float32, F64), (F64, torch.float32)])
 def test_apply_gradients_mixed_dtypes_and_huge_values(prior_dtype, grad_dtype):
     prior = PseudocoresetPrior(torch.rand(3, 2, dtype=prior_dtype), n_total=6.0)
