@@ -90,20 +90,26 @@ PRIOR_EXAMPLES: list[PriorExample] = [
 ]
 
 
+from copy import deepcopy  # noqa: E402
+
+
 def _coreset(d: int) -> vp.PseudocoresetPrior:
     # Two zero weights: those components must drop out of the density.
     w = torch.tensor([0.0, 3.0, 1.5, 0.5, 2.0, 0.0, 3.0])
     return vp.PseudocoresetPrior(torch.rand(7, INPUT_DIM), w, init_log_var=-0.3).bind(ToyEncoder(d))
 
 
-def _coreset_ref(prior: vp.PseudocoresetPrior, z: Tensor) -> Tensor:
+def _coreset_components(prior: vp.PseudocoresetPrior) -> tuple[Tensor, Tensor, Tensor]:
     with torch.no_grad():
-        enc = prior.encoder.double()
-        m, _ = enc(prior.pseudo_inputs.double())
-        prior.encoder.to(prior.pseudo_inputs.dtype)
+        m, _ = deepcopy(prior.encoder).double()(prior.pseudo_inputs.double())
     log_var = prior.log_var.detach().double().expand(m.shape)
-    log_w = torch.log(prior.weights.double() / prior.n_total)
-    return mixture_reference64(z, m, log_var, log_w)
+    return m, log_var, torch.log(prior.weights.double() / prior.n_total)
 
 
-PRIOR_EXAMPLES.append(PriorExample("pseudocoreset", _coreset, _coreset_ref))
+def _coreset_ref(prior: vp.PseudocoresetPrior, z: Tensor) -> Tensor:
+    return mixture_reference64(z, *_coreset_components(prior))
+
+
+# Sampling statistics from the components where PriorExample has that field.
+_extra = {"components": _coreset_components} if "components" in PriorExample.__dataclass_fields__ else {}
+PRIOR_EXAMPLES.append(PriorExample("pseudocoreset", _coreset, _coreset_ref, **_extra))

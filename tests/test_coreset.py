@@ -462,9 +462,10 @@ def test_state_round_trip_including_optimizer_state():
     buf = io.BytesIO()
     torch.save(prior.state_dict(), buf)
     buf.seek(0)
-    other = PseudocoresetPrior(torch.zeros(5, 6), n_total=1.0).bind(enc)
+    other = PseudocoresetPrior(torch.zeros(5, 6), n_total=1.0, input_range=prior.input_range).bind(enc)
     other.load_state_dict(torch.load(buf))
-    assert other.n_total == 30.0 and other.input_range == prior.input_range == (0.0, 1.0)
+    assert all(isinstance(v, torch.Tensor) for v in prior.state_dict().values())
+    assert other.n_total == 30.0
     for (name, a), (_, b) in zip(prior.state_dict().items(), other.state_dict().items()):
         if isinstance(a, torch.Tensor):
             assert torch.equal(a, b), name
@@ -473,7 +474,7 @@ def test_state_round_trip_including_optimizer_state():
         torch.manual_seed(5)
         p.update_coreset(decoder, data, batch_size=10, n_samples=8, progress=False)
     assert torch.equal(prior.weights, other.weights) and torch.equal(prior.pseudo_inputs, other.pseudo_inputs)
-    fresh = PseudocoresetPrior(torch.zeros(5, 6), n_total=1.0).bind(enc)
+    fresh = PseudocoresetPrior(torch.zeros(5, 6), n_total=1.0, input_range=prior.input_range).bind(enc)
     sd = prior.state_dict()
     sd["adam_step"] = torch.tensor(0)
     for k in ("adam_m_weights", "adam_v_weights", "adam_m_inputs", "adam_v_inputs"):
@@ -484,6 +485,9 @@ def test_state_round_trip_including_optimizer_state():
     torch.manual_seed(5)
     prior.update_coreset(decoder, data, batch_size=10, n_samples=8, progress=False)
     assert not torch.equal(prior.weights, fresh.weights)
+    sd["weights"] = -sd["weights"]
+    with pytest.raises(vp.VAEPriorsError, match="loaded `weights`"):
+        fresh.load_state_dict(sd)
 
 
 def test_update_leaves_the_vae_untouched():

@@ -155,7 +155,8 @@ class PseudocoresetPrior(BasePrior):
     The pseudo-inputs ``pseudo_inputs`` ``[M, *input_shape]`` and weights ``weights``
     ``[M]`` are **buffers**, not parameters: the user's optimiser never sees them (not even
     through ``model.parameters()`` or ``requires_grad_()``), yet they follow ``.to()`` and
-    round-trip through ``state_dict`` together with the update's own Adam state and N.
+    round-trip through ``state_dict`` together with the update's own Adam state (N is
+    the weights' sum; ``lr_*`` and ``input_range`` are settings, given to the constructor).
     Only :meth:`update_coreset` changes them, minimising
     :math:`\mathrm{KL}(p(z|U,w) \,\|\, p(z|X))` with the VAE fixed; call it every k epochs
     (k = 10 in the paper), directly or through :meth:`schedule_updates` and
@@ -239,7 +240,6 @@ class PseudocoresetPrior(BasePrior):
         for name, lr in (("lr_weights", lr_weights), ("lr_inputs", lr_inputs)):
             if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
                 raise VAEPriorsError(f"`{name}` must be a finite number > 0, got {lr!r}")
-        self.n_total = n
         self.lr_weights = float(lr_weights)
         self.lr_inputs = float(lr_inputs)
         self.backend = backend
@@ -247,6 +247,8 @@ class PseudocoresetPrior(BasePrior):
         u = u.detach().clone()
         self.register_buffer("pseudo_inputs", u)
         self.register_buffer("weights", w.clone())
+        # N, a buffer so that it round-trips exactly (0-d; follows the module's dtype).
+        self.register_buffer("weight_sum", torch.tensor(n, dtype=u.dtype, device=u.device))
         # Adam state of the coreset update: first and second moments and the step count.
         self.register_buffer("adam_step", torch.zeros((), dtype=torch.long, device=u.device))
         self.register_buffer("adam_m_weights", torch.zeros_like(w))
@@ -317,19 +319,18 @@ class PseudocoresetPrior(BasePrior):
         return cls(data[idx], n_total=n, input_range=input_range, **kwargs)
 
     # -- state ---------------------------------------------------------------------------
-    # N and the update's settings travel with the state, as an optimiser's do.
-    def get_extra_state(self) -> dict:
-        return {
-            "n_total": self.n_total,
-            "input_range": self.input_range,
-            "lr_weights": self.lr_weights,
-            "lr_inputs": self.lr_inputs,
-        }
+    # The state holds tensors only (it saves anywhere, e.g. safetensors); the update's
+    # settings (lr_*, input_range) are the constructor's, as for any module.
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        w = self.weights
+        if not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or not float(w.double().sum()) > 0:
+            raise VAEPriorsError("the loaded `weights` must be finite, >= 0 and have a positive sum")
 
-    def set_extra_state(self, state: dict) -> None:
-        self.n_total = self._check_total(state["n_total"])
-        self.input_range = self._check_range(state["input_range"])
-        self.lr_weights, self.lr_inputs = float(state["lr_weights"]), float(state["lr_inputs"])
+    @property
+    def n_total(self) -> float:
+        """N, the sum the weights keep (the training-set size)."""
+        return float(self.weight_sum)
 
     @property
     def n_pseudo(self) -> int:
@@ -339,7 +340,7 @@ class PseudocoresetPrior(BasePrior):
     # -- the density -----------------------------------------------------------------------
     def log_weights(self) -> Tensor:
         r""":math:`\log(w_m / N)`, ``[M]``; ``-inf`` for zero weights."""
-        return torch.log(self.weights) - math.log(self.n_total)
+        return torch.log(self.weights / self.weight_sum)
 
     def components(self) -> tuple[Tensor, Tensor]:
         r"""``(means [M, d], log_var [])``: the encoder means at the pseudo-inputs (with
