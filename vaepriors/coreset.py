@@ -155,12 +155,13 @@ class PseudocoresetPrior(BasePrior):
     The pseudo-inputs ``pseudo_inputs`` ``[M, *input_shape]`` and weights ``weights``
     ``[M]`` are **buffers**, not parameters: the user's optimiser never sees them (not even
     through ``model.parameters()`` or ``requires_grad_()``), yet they follow ``.to()`` and
-    round-trip through ``state_dict`` together with the update's own Adam state (N is
-    the weights' sum; ``lr_*`` and ``input_range`` are settings, given to the constructor).
+    round-trip through ``state_dict`` together with N (``weight_sum``) and the update's own
+    Adam state (``lr_*`` and ``input_range`` are settings, given to the constructor).
     Only :meth:`update_coreset` changes them, minimising
     :math:`\mathrm{KL}(p(z|U,w) \,\|\, p(z|X))` with the VAE fixed; call it every k epochs
     (k = 10 in the paper), directly or through :meth:`schedule_updates` and
-    :meth:`on_epoch_end`.
+    :meth:`on_epoch_end`. In that update the pseudo-inputs enter only as the data argument
+    of the decoder's likelihood :math:`\log p_\theta(u_m|z)` (see :meth:`coreset_gradients`).
 
     Arguments:
         pseudo_inputs: initial pseudo-inputs ``[M, *input_shape]`` (copied).
