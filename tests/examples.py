@@ -134,3 +134,28 @@ PRIOR_EXAMPLES += [
     # RAT and subsampling only change training; evaluation stays exact.
     _mixture_example("exemplar-rat", lambda d: _exemplar(d, n_subsample=6, k=3), _exemplar_components),
 ]
+
+
+from copy import deepcopy  # noqa: E402
+
+
+def _coreset(d: int) -> vp.PseudocoresetPrior:
+    # Two zero weights: those components must drop out of the density.
+    w = torch.tensor([0.0, 3.0, 1.5, 0.5, 2.0, 0.0, 3.0])
+    return vp.PseudocoresetPrior(torch.rand(7, INPUT_DIM), w, init_log_var=-0.3).bind(ToyEncoder(d))
+
+
+def _coreset_components(prior: vp.PseudocoresetPrior) -> tuple[Tensor, Tensor, Tensor]:
+    with torch.no_grad():
+        m, _ = deepcopy(prior.encoder).double()(prior.pseudo_inputs.double())
+    log_var = prior.log_var.detach().double().expand(m.shape)
+    return m, log_var, torch.log(prior.weights.double() / prior.n_total)
+
+
+def _coreset_ref(prior: vp.PseudocoresetPrior, z: Tensor) -> Tensor:
+    return mixture_reference64(z, *_coreset_components(prior))
+
+
+# Sampling statistics from the components where PriorExample has that field.
+_extra = {"components": _coreset_components} if "components" in PriorExample.__dataclass_fields__ else {}
+PRIOR_EXAMPLES.append(PriorExample("pseudocoreset", _coreset, _coreset_ref, **_extra))

@@ -6,6 +6,7 @@ Swap the prior of your own VAE in one line::
 """
 
 from .augment import ExemplarAugmenter, augment_batch
+from .coreset import PseudocoresetPrior
 from .elbo import ELBOOutput, ExemplarELBO
 from .encoder import gaussian_params
 from .engine import knn, mixture_log_prob, mixture_logsumexp
@@ -36,6 +37,7 @@ __all__ = [
     "GaussianPrior",
     "MixturePrior",
     "Prior",
+    "PseudocoresetPrior",
     "VAEPriorsError",
     "VampPrior",
     "active_units",
