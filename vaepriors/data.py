@@ -248,6 +248,11 @@ class Splits:
         test: test images ``[N_t, C, H, W]``, binarised once with a fixed seed.
         test_labels: ``[N_t]``.
         binarize_seed: the seed of that fixed binarisation.
+
+    Example:
+        >>> s = load_builtin(100, 20, 20)
+        >>> s.subset(50, 10)
+        Splits('builtin', train=(50, 1, 28, 28), valid=(10, 1, 28, 28), test=(10, 1, 28, 28), dtype=torch.float32, device=cpu)
     """
 
     name: str
@@ -316,7 +321,12 @@ def _fixed_binarize(valid: Tensor, test: Tensor, seed: int) -> tuple[Tensor, Ten
 # -- MNIST -----------------------------------------------------------------------------
 def mnist_root(root: str | os.PathLike | None = None) -> tuple[Path, str]:
     r"""Where to look for MNIST: ``root`` if given, else ``$VAEPRIORS_MNIST``, else
-    ``../shared/data/mnist`` next to the repository. Returns ``(path, where it came from)``."""
+    ``../shared/data/mnist`` next to the repository. Returns ``(path, where it came from)``.
+
+    Example:
+        >>> mnist_root("/data/mnist")
+        (PosixPath('/data/mnist'), 'the `root` argument')
+    """
     if root is not None:
         return Path(root), "the `root` argument"
     env = os.environ.get(MNIST_ENV)
