@@ -87,6 +87,9 @@ def test_early_stopping(tmp_path, monkeypatch):
     monkeypatch.setattr(T, "evaluate", lambda elbo, x, bs=1000: {**real(elbo, x, bs), "elbo": -float(next(calls))})
     m = train(tmp_path, "--prior", "gaussian", "--epochs", "10", "--patience", "2")
     assert m["stopped_early"] and m["epochs_run"] == 3 and m["best_epoch"] == 1
+    # Resuming a stopped run with more patience carries on where it stopped.
+    m = train(tmp_path, "--prior", "gaussian", "--epochs", "10", "--patience", "3", "--resume")
+    assert m["stopped_early"] and m["epochs_run"] == 4 and m["best_epoch"] == 1
 
 
 def test_registries_and_hook(tmp_path, monkeypatch):
@@ -127,7 +130,7 @@ def test_kl_weight_schedule():
 
 def test_parse_args_presets_and_errors(tmp_path, capsys):
     a = T.parse_args([])
-    assert (a.dataset, a.prior, a.epochs, a.components) == ("builtin", "vamp", 20, 50)
+    assert (a.dataset, a.prior, a.epochs, a.components, a.threads) == ("builtin", "vamp", 20, 50, 1)
     b = T.parse_args(["--dataset", "mnist", "--epochs", "3"])
     assert (b.epochs, b.warmup, b.components, b.lr, b.eval_samples) == (3, 100, 500, 5e-4, 5000)
     with pytest.raises(VAEPriorsError, match="--epochs"):

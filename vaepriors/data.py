@@ -230,7 +230,7 @@ class BatchLoader:
         return {"generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
+        self.generator.set_state(state["generator"].cpu())  # a checkpoint loaded onto a GPU moves it
 
 
 # -- the splits ------------------------------------------------------------------------

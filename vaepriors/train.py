@@ -82,17 +82,24 @@ Priors not listed use the posterior, z ~ q(z|x)."""
 
 # -- the command line ------------------------------------------------------------------
 PRESETS: dict[str, dict] = {
-    # Small enough to finish in about a minute on a laptop CPU.
-    "builtin": {"epochs": 20, "warmup": 2, "components": 50, "lr": 2e-3, "eval_samples": 100},
+    # Small enough to finish in about a minute on a 2-core CPU. One thread: this small model
+    # gains little from more, and oversubscribed threads on a busy machine cost 5-10x.
+    "builtin": {"epochs": 20, "warmup": 2, "components": 50, "lr": 2e-3, "eval_samples": 100, "threads": 1},
     # The papers' protocol (Exemplar VAE supplementary L.2; VampPrior): early stopping
     # after 50 epochs without improvement ends the runs long before 2000 epochs.
-    "mnist": {"epochs": 2000, "warmup": 100, "components": 500, "lr": 5e-4, "eval_samples": 5000},
+    "mnist": {"epochs": 2000, "warmup": 100, "components": 500, "lr": 5e-4, "eval_samples": 5000, "threads": 0},
 }
 """Per-dataset defaults of the options left unset on the command line."""
 
 # Options that define the model and data: a resumed run must keep them.
 _FIXED_ON_RESUME = ("prior", "dataset", "n_train", "n_eval", "latent_dim", "hidden", "components",
                     "exemplar_subsample", "rat_k", "seed")  # fmt: skip
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    # Shows defaults, except the unset (preset-filled) ones.
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vaepriors-train",
         description="Train the papers' gated MLP VAE (784-300-300, d=40, Bernoulli decoder) with a chosen prior; "
         "write metrics, curves, sample grids and checkpoints into --out.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Formatter,
     )
     preset = lambda key: "; ".join(f"{d}: {v[key]}" for d, v in PRESETS.items())  # noqa: E731
     g = p.add_argument_group("prior and data")
@@ -129,23 +136,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=None, help=f"maximum epochs [{preset('epochs')}]")
-    g.add_argument("--batch-size", type=int, default=100)
+    g.add_argument("--batch-size", type=int, default=100, help="training minibatch size")
     g.add_argument("--lr", type=float, default=None, help=f"Adam learning rate [{preset('lr')}]")
     g.add_argument("--normalize-grad", action=argparse.BooleanOptionalAction, default=True,
                    help="scale each parameter's gradient to unit norm before Adam (the papers' optimiser)")
     g.add_argument("--warmup", type=int, default=None,
                    help=f"epochs of linear KL warm-up, 0 for none [{preset('warmup')}]")
     g.add_argument("--patience", type=int, default=50, help="stop after this many epochs without a better validation ELBO")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seeds initialisation, batches, binarisation and sampling")
 
     g = p.add_argument_group("evaluation and output")
     g.add_argument("--eval-samples", type=int, default=None,
                    help=f"importance samples for the test log-likelihood, 0 to skip [{preset('eval_samples')}]")
-    g.add_argument("--eval-batch-size", type=int, default=1000)
+    g.add_argument("--eval-batch-size", type=int, default=1000, help="batch size of validation and test passes")
     g.add_argument("--out", default=None, help="output folder (default runs/<prior>-<dataset>)")
     g.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     g.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
-    g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    g.add_argument("--threads", type=int, default=None,
+                   help=f"CPU threads for torch, 0 for torch's choice [{preset('threads')}]")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bars (default: when stderr is a terminal)")
     return p
@@ -167,7 +175,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key in ("epochs", "batch_size", "eval_batch_size", "latent_dim", "components", "patience"):
         if getattr(args, key) < 1:
             raise VAEPriorsError(f"`--{key.replace('_', '-')}` must be at least 1, got {getattr(args, key)}")
-    for key in ("warmup", "eval_samples"):
+    for key in ("warmup", "eval_samples", "threads"):
         if getattr(args, key) < 0:
             raise VAEPriorsError(f"`--{key.replace('_', '-')}` must be >= 0, got {getattr(args, key)}")
     if not (args.lr > 0 and math.isfinite(args.lr)):
@@ -323,7 +331,10 @@ def _run(args: argparse.Namespace) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["rng"].cpu())
-        history, best, bad_epochs, stopped_early = state["history"], state["best"], state["bad_epochs"], state["stopped_early"]
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
+        history, best, bad_epochs = state["history"], state["best"], state["bad_epochs"]
+        stopped_early = bad_epochs >= args.patience  # a resumed run may raise the patience
         start = state["epoch"] + 1
         for g in optimizer.param_groups:  # a resumed run may change the learning rate
             g["lr"] = args.lr
@@ -348,9 +359,10 @@ def _run(args: argparse.Namespace) -> dict:
             optimizer.zero_grad(set_to_none=True)
             res.loss.backward()
             if args.normalize_grad:
-                for p in params:
-                    if p.grad is not None:
-                        p.grad.div_(p.grad.norm() + 1e-7)
+                grads = [p.grad for p in params if p.grad is not None]
+                norms = torch._foreach_norm(grads)
+                torch._foreach_add_(norms, 1e-7)
+                torch._foreach_div_(grads, norms)
             optimizer.step()
             sums += torch.stack([res.elbo.sum(), res.reconstruction.sum(), res.kl.sum()]).detach().double()
             if step % 10 == 0 and log.progress:
@@ -359,9 +371,13 @@ def _run(args: argparse.Namespace) -> dict:
         _sync(device)
         seconds = time.perf_counter() - t0
         train = dict(zip(("elbo", "reconstruction", "kl"), (sums / len(splits.train)).tolist()))
-        if not all(math.isfinite(v) for v in train.values()):
-            raise VAEPriorsError(f"training diverged in epoch {epoch} (train ELBO {train['elbo']}); try a smaller --lr")
+        t1 = time.perf_counter()
         valid = evaluate(elbo, splits.valid, args.eval_batch_size)
+        eval_seconds = time.perf_counter() - t1
+        if not all(math.isfinite(v) for v in (*train.values(), *valid.values())):
+            raise VAEPriorsError(
+                f"training diverged in epoch {epoch} (train ELBO {train['elbo']}, valid ELBO {valid['elbo']}); try a smaller --lr"
+            )
         improved = valid["elbo"] > best["valid_elbo"]
         if improved:
             best, bad_epochs = {"epoch": epoch, "valid_elbo": valid["elbo"]}, 0
@@ -369,7 +385,9 @@ def _run(args: argparse.Namespace) -> dict:
         else:
             bad_epochs += 1
             stopped_early = bad_epochs >= args.patience
-        history.append({"epoch": epoch, "kl_weight": beta, "seconds": seconds, "train": train, "valid": valid})
+        history.append(
+            {"epoch": epoch, "kl_weight": beta, "seconds": seconds, "eval_seconds": eval_seconds, "train": train, "valid": valid}
+        )
         log.write(
             f"epoch {epoch:>4}  train ELBO {train['elbo']:9.3f}  valid ELBO {valid['elbo']:9.3f}  "
             f"(rec {valid['reconstruction']:8.3f}, KL {valid['kl']:7.3f})  beta {beta:.2f}  {seconds:6.2f} s"
@@ -378,7 +396,9 @@ def _run(args: argparse.Namespace) -> dict:
         _save(
             {
                 "epoch": epoch, "model": elbo.state_dict(), "optimizer": optimizer.state_dict(),
-                "loader": loader.state_dict(), "rng": torch.get_rng_state(), "history": history, "best": best,
+                "loader": loader.state_dict(), "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                "history": history, "best": best,
                 "bad_epochs": bad_epochs, "stopped_early": stopped_early, "args": vars(args),
             },
             ckpt_path,
