@@ -92,11 +92,25 @@ def test_early_stopping(tmp_path, monkeypatch):
     assert m["stopped_early"] and m["epochs_run"] == 4 and m["best_epoch"] == 1
 
 
+@pytest.mark.parametrize("prior", ["exemplar", "exemplar-rat", "coreset"])
+def test_training_based_priors_train_and_save(tmp_path, prior):
+    m = train(tmp_path, "--prior", prior, "--epochs", "2", "--exemplar-subsample", "50", "--rat-k", "3",
+              "--coreset-every", "1", "--eval-samples", "3")
+    assert all(math.isfinite(m["test"][k]) for k in ("elbo", "log_likelihood"))
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["model"]
+    if prior == "coreset":  # two coreset updates ran; the weights are still a valid coreset
+        assert int(state["prior.adam_step"]) > 0
+        w = state["prior.weights"]
+        assert bool((w >= 0).all()) and abs(float(w.sum()) - 200) < 1e-3
+    if prior == "exemplar-rat":
+        assert state["prior.rat_cache"].shape == (200, 4)
+
+
 def test_registries_and_hook(tmp_path, monkeypatch):
     # A new prior is one builder in PRIORS; its conditioned latents one entry in CONDITIONED.
     seen = {}
 
-    def build(args, splits, encoder):
+    def build(args, splits, encoder, decoder):
         seen["exemplars"] = splits.exemplars.shape
         return vaepriors.GaussianPrior(args.latent_dim)
 

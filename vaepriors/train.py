@@ -34,9 +34,11 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution
 
+from .coreset import PseudocoresetPrior
 from .data import MNIST_ENV, Splits, load_dataset
 from .elbo import ExemplarELBO
 from .errors import VAEPriorsError
+from .exemplar import ExemplarPrior
 from .gaussian import GaussianPrior
 from .mixture import MixturePrior
 from .models import make_mlp_vae
@@ -45,28 +47,55 @@ from .vamp import VampPrior
 
 __all__ = ["CONDITIONED", "PRESETS", "PRIORS", "build_parser", "evaluate", "main", "parse_args", "run"]
 
-PriorBuilder = Callable[[argparse.Namespace, Splits, nn.Module], Prior]
+PriorBuilder = Callable[[argparse.Namespace, Splits, nn.Module, nn.Module], Prior]
 Conditioner = Callable[[ExemplarELBO, Tensor, int], Tensor]
 
 
 # -- the priors ------------------------------------------------------------------------
-def _gaussian(args: argparse.Namespace, splits: Splits, encoder: nn.Module) -> Prior:
+def _gaussian(args: argparse.Namespace, splits: Splits, encoder: nn.Module, decoder: nn.Module) -> Prior:
     return GaussianPrior(args.latent_dim)
 
 
-def _mog(args: argparse.Namespace, splits: Splits, encoder: nn.Module) -> Prior:
+def _mog(args: argparse.Namespace, splits: Splits, encoder: nn.Module, decoder: nn.Module) -> Prior:
     return MixturePrior(args.latent_dim, args.components)
 
 
-def _vamp(args: argparse.Namespace, splits: Splits, encoder: nn.Module) -> Prior:
+def _vamp(args: argparse.Namespace, splits: Splits, encoder: nn.Module, decoder: nn.Module) -> Prior:
     # Pseudo-inputs start at random grey-level training images.
     k = min(args.components, len(splits.train))
     return VampPrior.from_data(splits.train, k, generator=torch.Generator().manual_seed(args.seed))
 
 
-PRIORS: dict[str, PriorBuilder] = {"gaussian": _gaussian, "mog": _mog, "vamp": _vamp}
-"""Prior name -> builder ``(args, splits, encoder) -> prior``; ``splits`` is on the training
-device, ``splits.exemplars`` holds the grey-level training images (row = training index)."""
+def _exemplar(args: argparse.Namespace, splits: Splits, encoder: nn.Module, decoder: nn.Module, k: int | None = None) -> Prior:
+    # Grey-level exemplars (the training images; row = training index, for leave-one-out).
+    n = len(splits.exemplars)
+    m = args.exemplar_subsample
+    return ExemplarPrior(splits.exemplars, n_subsample=None if m is None else min(m, n - 1), k=k, generator=args.seed)
+
+
+def _exemplar_rat(args: argparse.Namespace, splits: Splits, encoder: nn.Module, decoder: nn.Module) -> Prior:
+    return _exemplar(args, splits, encoder, decoder, k=min(args.rat_k or 10, len(splits.exemplars) - 1))
+
+
+def _coreset(args: argparse.Namespace, splits: Splits, encoder: nn.Module, decoder: nn.Module) -> Prior:
+    k = min(args.components, len(splits.train))
+    prior = PseudocoresetPrior.from_data(splits.train, k, generator=torch.Generator().manual_seed(args.seed))
+    # Grey-level data in the update: for a Bernoulli decoder, x.l - softplus(l) at grey x is
+    # the expected log-likelihood over the random binarisations the ELBO trains on.
+    return prior.schedule_updates(decoder, splits.train, every=args.coreset_every, progress=args.progress)
+
+
+PRIORS: dict[str, PriorBuilder] = {
+    "gaussian": _gaussian,
+    "mog": _mog,
+    "vamp": _vamp,
+    "exemplar": _exemplar,
+    "exemplar-rat": _exemplar_rat,
+    "coreset": _coreset,
+}
+"""Prior name -> builder ``(args, splits, encoder, decoder) -> prior``; ``splits`` is on the
+training device, ``splits.exemplars`` holds the grey-level training images (row = training
+index)."""
 
 
 def _posterior_latents(elbo: ExemplarELBO, x: Tensor, n: int) -> Tensor:
@@ -74,7 +103,11 @@ def _posterior_latents(elbo: ExemplarELBO, x: Tensor, n: int) -> Tensor:
     return mean + (0.5 * log_var).exp() * torch.randn(n, *mean.shape, dtype=mean.dtype, device=mean.device)
 
 
-CONDITIONED: dict[str, Conditioner] = {}
+def _around_exemplars(elbo: ExemplarELBO, x: Tensor, n: int) -> Tensor:
+    return elbo.prior.sample_around(x, n)
+
+
+CONDITIONED: dict[str, Conditioner] = {"exemplar": _around_exemplars, "exemplar-rat": _around_exemplars}
 """Prior name -> ``(elbo, x [B, ...], n) -> z [n, B, d]``: latents conditioned on the images
 ``x`` for ``conditioned.png`` (exemplar priors: around the exemplar's prior component).
 Priors not listed use the posterior, z ~ q(z|x)."""
@@ -93,7 +126,7 @@ PRESETS: dict[str, dict] = {
 
 # Options that define the model and data: a resumed run must keep them.
 _FIXED_ON_RESUME = ("prior", "dataset", "n_train", "n_eval", "latent_dim", "hidden", "components",
-                    "exemplar_subsample", "rat_k", "seed")  # fmt: skip
+                    "exemplar_subsample", "rat_k", "coreset_every", "seed")  # fmt: skip
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -125,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--n-train", type=int, default=None, help="use only the first N training images")
     g.add_argument("--n-eval", type=int, default=None, help="use only the first N validation and test images")
     g.add_argument("--components", type=int, default=None,
-                   help=f"mixture components / pseudo-inputs (mog, vamp) [{preset('components')}]")
+                   help=f"mixture components / pseudo-inputs (mog, vamp, coreset) [{preset('components')}]")
+    g.add_argument("--coreset-every", type=int, default=10, help="coreset: epochs between coreset updates")
     g.add_argument("--exemplar-subsample", type=int, default=None,
                    help="exemplar priors: exemplars per batch (M; paper: half the training set)")
     g.add_argument("--rat-k", type=int, default=None, help="exemplar priors: neighbours for retrieval augmented training")
@@ -317,7 +351,7 @@ def _run(args: argparse.Namespace) -> dict:
     splits = _load_splits(args).to(device)
     encoder, decoder = make_mlp_vae(splits.input_shape, args.latent_dim, args.hidden)
     encoder, decoder = encoder.to(device), decoder.to(device)
-    prior = PRIORS[args.prior](args, splits, encoder).to(device)
+    prior = PRIORS[args.prior](args, splits, encoder, decoder).to(device)
     elbo = ExemplarELBO(encoder, decoder, prior)
     params = [p for p in elbo.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=args.lr)
