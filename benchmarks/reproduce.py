@@ -2,7 +2,7 @@ r"""The papers on real MNIST: every prior, the same model and schedule, one tabl
 
 Trains the papers' gated MLP VAE (784-300-300, d = 40, Bernoulli decoder) on dynamic MNIST
 with each prior through the training command (:func:`vaepriors.train.run`, the same code a
-user runs), then reloads each run's best weights (``best.pt``, lowest validation loss) and
+user runs), then reloads each run's best weights (``best.pt``, best validation ELBO) and
 measures on the test set, with the public API:
 
 - test log-likelihood, importance sampled with S samples from q per point
@@ -329,6 +329,8 @@ def run_benchmark(cfg: dict, priors: list[str], out: Path, *, runs: Path, device
     unknown = [p for p in priors if p not in train.PRIORS]
     if unknown:
         raise vp.VAEPriorsError(f"`priors` must be among {PRIORS}, got {unknown}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise vp.VAEPriorsError(f"`device` {device!r}: CUDA is not available on this machine (try --device cpu)")
     splits = load_splits(cfg, data_dir)  # fails early, before any training
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

@@ -135,3 +135,9 @@ def test_missing_mnist_skips_cleanly(tmp_path, capsys):
 def test_unknown_prior_is_an_error(tmp_path):
     with pytest.raises(R.vp.VAEPriorsError, match="priors"):
         R.run_benchmark(R.resolve("tiny"), ["nope"], tmp_path, runs=tmp_path)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_cuda_is_a_clear_error(tmp_path):
+    with pytest.raises(R.vp.VAEPriorsError, match="CUDA is not available"):
+        R.run_benchmark(R.resolve("gpu-full"), ["gaussian"], tmp_path, runs=tmp_path)
