@@ -65,7 +65,6 @@ sys.path.insert(0, str(ROOT))  # this checkout's vaepriors
 import vaepriors as vp  # noqa: E402
 from vaepriors import train  # noqa: E402
 from vaepriors.data import binarize, load_dataset, mnist_root  # noqa: E402
-from vaepriors.models import make_mlp_vae  # noqa: E402
 
 PRIORS = ["gaussian", "mog", "vamp", "exemplar", "exemplar-rat", "coreset"]
 """The priors, in table order (names of :data:`vaepriors.train.PRIORS`)."""
@@ -177,11 +176,7 @@ def train_argv(cfg: dict, prior: str, run_dir: Path, n_train: int, *, device: st
 
 def load_trained(args: argparse.Namespace, splits: vp.data.Splits, device: torch.device) -> vp.ExemplarELBO:
     r"""Rebuilds a run's model (as the training command does) and loads its ``best.pt``."""
-    splits = splits.to(device)
-    encoder, decoder = make_mlp_vae(splits.input_shape, args.latent_dim, args.hidden)
-    encoder, decoder = encoder.to(device), decoder.to(device)
-    prior = train.PRIORS[args.prior](args, splits, encoder, decoder).to(device)
-    elbo = vp.ExemplarELBO(encoder, decoder, prior)
+    elbo = train.build_model(args, splits, device)
     state = torch.load(Path(args.out) / "best.pt", map_location=device, weights_only=True)
     elbo.load_state_dict(state["model"])
     return elbo.eval()

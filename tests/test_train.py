@@ -155,3 +155,10 @@ def test_parse_args_presets_and_errors(tmp_path, capsys):
     code = T.main(["--dataset", "mnist", "--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 2 and "nowhere" in err and "VAEPRIORS_MNIST" in err
+
+
+def test_coreset_updates_follow_the_every_option(tmp_path):
+    # 3 epochs, an update every 2: exactly one, after the 2nd epoch (one pass: 200 / 100 steps).
+    train(tmp_path, "--prior", "coreset", "--epochs", "3", "--coreset-every", "2", "--eval-samples", "0")
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["model"]
+    assert int(state["prior.adam_step"]) == 2

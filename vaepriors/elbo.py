@@ -199,5 +199,5 @@ class ExemplarELBO(nn.Module):
         return ELBOOutput(loss, elbo, rec, kl, z)
 
     def on_epoch_end(self, epoch: int) -> None:
-        """Forwards the per-epoch hook to the prior."""
+        """Forwards the per-epoch hook to the prior (``epoch`` counted from 0)."""
         self.prior.on_epoch_end(epoch)

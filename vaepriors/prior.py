@@ -40,7 +40,8 @@ class Prior(Protocol):
             exemplar, pseudocoreset) the user's encoder; returns the prior.
         observe(mean, index): tells the prior the encoder means ``[B, d]`` just computed
             for the training points ``index`` ``[B]`` (e.g. to refresh a cache).
-        on_epoch_end(epoch): per-epoch hook (e.g. refresh a retrieval cache).
+        on_epoch_end(epoch): per-epoch hook, ``epoch`` the index of the epoch just ended,
+            counted from 0 (e.g. refresh a retrieval cache, or run a coreset update).
         analytic_kl(mean, log_var): KL(q || p) per data point in closed form, or ``None``
             when there is none (the ELBO then estimates it by Monte Carlo).
     """
@@ -154,7 +155,8 @@ class BasePrior(nn.Module):
         """Hook: encoder means of training points ``index``; does nothing by default."""
 
     def on_epoch_end(self, epoch: int) -> None:
-        """Hook: called once per epoch by the training loop; does nothing by default."""
+        """Hook: called at the end of epoch ``epoch`` (counted from 0) by the training loop;
+        does nothing by default."""
 
     def analytic_kl(self, mean: Tensor, log_var: Tensor) -> Tensor | None:
         """Closed-form KL(q || p) per data point, or ``None`` (the default) if there is none."""

@@ -45,7 +45,7 @@ from .models import make_mlp_vae
 from .prior import Prior
 from .vamp import VampPrior
 
-__all__ = ["CONDITIONED", "PRESETS", "PRIORS", "build_parser", "evaluate", "main", "parse_args", "run"]
+__all__ = ["CONDITIONED", "PRESETS", "PRIORS", "build_model", "build_parser", "evaluate", "main", "parse_args", "run"]
 
 PriorBuilder = Callable[[argparse.Namespace, Splits, nn.Module, nn.Module], Prior]
 Conditioner = Callable[[ExemplarELBO, Tensor, int], Tensor]
@@ -96,6 +96,26 @@ PRIORS: dict[str, PriorBuilder] = {
 """Prior name -> builder ``(args, splits, encoder, decoder) -> prior``; ``splits`` is on the
 training device, ``splits.exemplars`` holds the grey-level training images (row = training
 index)."""
+
+
+def build_model(args: argparse.Namespace, splits: Splits, device: torch.device | str = "cpu") -> ExemplarELBO:
+    r"""The command's model for ``args``: the gated MLP VAE with ``args.prior``, on ``device``.
+
+    Use it to rebuild a trained run and load its ``best.pt`` or ``checkpoint.pt``::
+
+        elbo = build_model(args, splits, device)
+        elbo.load_state_dict(torch.load(path, weights_only=True)["model"])
+
+    Arguments:
+        args: the parsed options (:func:`parse_args`).
+        splits: the data, for priors built on the training set.
+        device: where the model lives.
+    """
+    splits = splits.to(device)
+    encoder, decoder = make_mlp_vae(splits.input_shape, args.latent_dim, args.hidden)
+    encoder, decoder = encoder.to(device), decoder.to(device)
+    prior = PRIORS[args.prior](args, splits, encoder, decoder).to(device)
+    return ExemplarELBO(encoder, decoder, prior)
 
 
 def _posterior_latents(elbo: ExemplarELBO, x: Tensor, n: int) -> Tensor:
@@ -349,10 +369,7 @@ def _run(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
 
     splits = _load_splits(args).to(device)
-    encoder, decoder = make_mlp_vae(splits.input_shape, args.latent_dim, args.hidden)
-    encoder, decoder = encoder.to(device), decoder.to(device)
-    prior = PRIORS[args.prior](args, splits, encoder, decoder).to(device)
-    elbo = ExemplarELBO(encoder, decoder, prior)
+    elbo = build_model(args, splits, device)
     params = [p for p in elbo.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=args.lr)
     loader = splits.train_loader(args.batch_size, seed=args.seed)
@@ -401,7 +418,7 @@ def _run(args: argparse.Namespace) -> dict:
             sums += torch.stack([res.elbo.sum(), res.reconstruction.sum(), res.kl.sum()]).detach().double()
             if step % 10 == 0 and log.progress:
                 bar.set_postfix(loss=f"{res.loss.item():.2f}")
-        elbo.on_epoch_end(epoch)
+        elbo.on_epoch_end(epoch - 1)  # the hook counts epochs from 0
         _sync(device)
         seconds = time.perf_counter() - t0
         train = dict(zip(("elbo", "reconstruction", "kl"), (sums / len(splits.train)).tolist()))
