@@ -1,35 +1,44 @@
 r"""What ``backend="auto"`` picks: the fastest backend whose memory fits the budget.
 
-The rules, first match wins (``cells = B * N``; memory as estimated by each backend's
-``memory()``; the figures come from ``benchmarks/bench_engine.py`` on CPU and from the H100
-measurements in ``design/anchors.md``):
+The rules, first match wins (``cells = B * N``; ``grad``: a backward will follow, i.e.
+grad mode is on and an input requires grad; memory as estimated by each backend's
+``memory()``):
 
-=====  ===============================================================  ========
-device  condition                                                        backend
-=====  ===============================================================  ========
-any     dense fits the budget and ``cells <= DENSE_CELLS[device]``       dense
-cuda    ``B >= KEOPS_ROWS`` and KeOps passes its check                   keops
-any     otherwise                                                        chunked
-=====  ===============================================================  ========
+======  =================================================================  ========
+device  condition                                                          backend
+======  =================================================================  ========
+cpu     dense fits the budget and ``cells <= DENSE_CELLS_CPU``             dense
+cuda    dense fits the budget                                              dense
+cuda    ``B >= KEOPS_ROWS`` and KeOps passes its check                     keops
+any     otherwise                                                          chunked
+======  =================================================================  ========
 
-- CPU: KeOps is never picked; it measured slower than the torch backends at every shape.
-  Dense beats chunked only while its few ``B x N`` passes stay cheap; beyond
-  ``DENSE_CELLS["cpu"]`` cells, cache-sized blocks win even when dense would fit.
-- CUDA: dense torch is fastest for training shapes (B x N up to ~1e8 cells, within the
-  budget); beyond the budget, chunked torch keeps dense's speed per cell (its blocks are
-  big) while KeOps' 1-D scheme only pays off once many query rows fill the GPU
-  (B = 50 000 x N = 60 000: 14 ms vs 71 ms dense, but B = 5 000 x N = 1e6: 173 ms vs 130 ms
-  chunked). The same rules serve kNN (torch top-k merged across blocks, or KeOps argKmin).
+Where the figures come from:
+
+- CPU (``benchmarks/results/engine_cpu.md``, one thread): up to about 2^19 cells dense is
+  as fast or faster (its matrix still sits in cache, and with a backward it keeps its
+  graph where chunked recomputes); beyond, chunked's cache-sized blocks
+  (``_chunked.TILE_CELLS``) win, 2-5x at 1e7-1e8 cells, forward and forward+backward.
+  KeOps is never picked on CPU: it measured 10-50x slower than chunked at every shape.
+- CUDA (``design/anchors.md``, H100): dense torch is fastest wherever it fits (B = 100 x
+  N = 60 000: 0.34 / 1.39 ms vs KeOps 2-D 0.71 / 3.1); beyond the budget, chunked torch
+  keeps dense's speed per cell (its blocks hold up to 2^24 cells) while KeOps' 1-D scheme
+  pays off only once many query rows fill the GPU (B = 50 000 x N = 60 000: 14 ms vs 71 ms
+  dense; B = 5 000 x N = 1e6: 173 ms vs 130 ms chunked). To be confirmed by
+  ``bench_engine.py --full --device cuda``.
+
+The same rules serve kNN (torch top-k merged across blocks, or KeOps argKmin) with
+``grad = False``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import _chunked, _dense, _keops
+from . import _dense, _keops
 
-# Above these B x N the dense backend is not picked even when it fits the budget.
-DENSE_CELLS = {"cpu": 1 << 22, "cuda": 1 << 40}
+# Above this B x N dense is not picked on CPU even when it fits the budget.
+DENSE_CELLS_CPU = 1 << 19
 # Queries from which KeOps' 1-D scheme beats chunked torch on a GPU (see the module docstring).
 KEOPS_ROWS = 20_000
 
@@ -54,7 +63,8 @@ def choose(
     """The backend name for one call (``op`` is ``"logsumexp"`` or ``"knn"``)."""
     elem = torch.finfo(dtype).bits // 8
     cells = b * n
-    if dense_memory(b, n, elem, grad) <= budget and cells <= DENSE_CELLS.get(device.type, 1 << 40):
+    fits = _dense.memory(b, n, d, elem, budget, device, grad) <= budget
+    if fits and (device.type != "cpu" or cells <= DENSE_CELLS_CPU):
         return "dense"
     if (
         keops

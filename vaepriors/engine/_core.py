@@ -22,7 +22,7 @@ class LogSumExp(NamedTuple):
         >>> a = LogSumExp(torch.tensor([0.0]), torch.tensor([2.0]))
         >>> b = LogSumExp(torch.tensor([1.0]), torch.tensor([1.0]))
         >>> LogSumExp.combine([a, b]).log()
-        tensor([1.6201])
+        tensor([1.5514])
     """
 
     max: Tensor
@@ -132,12 +132,16 @@ def block_sq_dist(
         t = zz[:, None] + mm
         d2 = torch.addmm(t, zc, mc.T, alpha=-2)
     with torch.no_grad():
-        thr = t.mul_(NEAR) if inplace else t.detach() * NEAR
-        idx = torch.nonzero(d2.detach() < thr)
-        del thr, t
-    i, j = idx.unbind(1)
-    if i.shape[0] == 0:
-        return d2, Near(i, j)
+        # u > 0 marks near pairs; rows are screened with a cheap max before any nonzero()
+        u = t.mul_(NEAR).sub_(d2) if inplace else t.detach() * NEAR - d2.detach()
+        del t
+        rows = torch.nonzero(u.amax(1) > 0).view(-1) if u.numel() else u.new_zeros(0, dtype=torch.long)
+        if rows.numel() == 0:
+            empty = rows.new_zeros(0)
+            return d2, Near(empty, empty)
+        idx = torch.nonzero(u[rows] > 0)
+        del u
+    i, j = rows[idx[:, 0]], idx[:, 1]
     exact = []
     step = pieces(i.shape[0], z.shape[1], d2.numel()).step  # [step, d] temporaries: a block's worth
     for s in range(0, i.shape[0], step):

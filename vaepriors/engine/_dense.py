@@ -11,30 +11,45 @@ import math
 import torch
 from torch import Tensor
 
-from ._core import LogSumExp, block_sq_dist, centre, exclude, exponents, inverse_variance, safe_shift, sq_norms
+from ._core import (
+    LogSumExp,
+    block_sq_dist,
+    centre,
+    exclude,
+    exclude_,
+    exponents,
+    inverse_variance,
+    safe_shift,
+    sq_norms,
+)
 
-# Bytes per (query, component) cell, forward only / with the autograd graph kept.
-CELL_BYTES = 4
-CELL_BYTES_GRAD = 7
+# Floats per (query, component) cell at the peak, without / with the autograd graph (about
+# 2.5 and 4 measured on CPU with VmHWM, benchmarks/bench_engine.py).
+CELL_FLOATS = 3
+CELL_FLOATS_GRAD = 5
 
 
 def memory(b: int, n: int, d: int, elem: int, budget: int, device: torch.device, grad: bool = False) -> int:
     """Estimated peak bytes: a few B x N tensors (``memory_budget`` is not used)."""
-    return b * n * elem * (CELL_BYTES_GRAD if grad else CELL_BYTES)
+    return b * n * elem * (CELL_FLOATS_GRAD if grad else CELL_FLOATS)
 
 
 def logsumexp(
     z: Tensor, means: Tensor, log_var: Tensor, a: Tensor, exclude_idx: Tensor | None, *, memory_budget: int = 0
 ) -> LogSumExp:
+    # Without autograd the B x N temporaries are reused in place.
+    inplace = not (torch.is_grad_enabled() and any(t.requires_grad for t in (z, means, log_var, a)))
     zc, mc = centre(z, means)
     inv = inverse_variance(log_var)
     zz, mm = sq_norms(zc, mc, inv)
-    d2, _ = block_sq_dist(zc, zz, mc, mm, inv, z, means)
+    d2, _ = block_sq_dist(zc, zz, mc, mm, inv, z, means, inplace=inplace)
     arg = exponents(d2, inv, a.expand(means.shape[0]))
+    del d2
     if exclude_idx is not None:
-        arg = exclude(arg, exclude_idx, -math.inf)
+        arg = exclude_(arg, exclude_idx, -math.inf) if inplace else exclude(arg, exclude_idx, -math.inf)
     m = arg.detach().amax(1)
-    s = torch.exp(arg - safe_shift(m)[:, None]).sum(1)
+    shift = safe_shift(m)[:, None]
+    s = arg.sub_(shift).exp_().sum(1) if inplace else torch.exp(arg - shift).sum(1)
     return LogSumExp(m, s)
 
 
