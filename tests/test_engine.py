@@ -157,6 +157,7 @@ def problems(draw):
         spread=draw(st.sampled_from([1e-3, 1.0, 1e3])),
         offset=draw(st.sampled_from([0.0, 10.0, -1e4])),
         exclude=draw(st.booleans()),
+        near=draw(st.booleans()),
         zero_weights=draw(st.booleans()),
         backend=draw(st.sampled_from(["dense", "chunked"])),
         budget=draw(st.integers(1, 2000)),
@@ -166,9 +167,13 @@ def problems(draw):
 
 @given(problems())
 def test_random_problems(p):
-    """Random shapes, sigma^2 from 1e-6 to 1e6, far or near queries, exclusion, zero weights."""
+    """Random shapes, sigma^2 from 1e-6 to 1e6, far or near queries, exclusion, zero weights,
+    block sizes (the budget) from 1 x 1 up."""
     gen = torch.Generator().manual_seed(p["seed"])
     z, means, log_var = make(p["b"], p["n"], p["d"], p["kind"], torch.float64, "cpu", gen, p["lv_centre"])
+    if p["near"]:  # queries next to a mean: the expansion's worst case
+        pick = torch.randint(0, p["n"], (p["b"],), generator=gen)
+        z = means[pick] + 1e-4 * torch.randn(z.shape, dtype=z.dtype, generator=gen)
     z, means = p["spread"] * z + p["offset"], p["spread"] * means + p["offset"]
     log_weights = None
     if p["zero_weights"]:
