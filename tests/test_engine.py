@@ -367,6 +367,16 @@ def test_bad_input():
         mixture_log_prob(z, means, 0.0, torch.zeros(3))
     with pytest.raises(VAEPriorsError, match="backend"):
         mixture_log_prob(z, means, 0.0, backend="fast")
+    with pytest.raises(VAEPriorsError, match="`z`"):
+        mixture_log_prob(z.index_fill(0, torch.tensor([1]), math.nan), means, 0.0)
+    with pytest.raises(VAEPriorsError, match="`means`"):
+        mixture_log_prob(z, means.index_fill(0, torch.tensor([4]), math.inf), 0.0)
+    with pytest.raises(VAEPriorsError, match="`log_var`"):
+        mixture_log_prob(z, means, torch.tensor([0.0, 1, math.nan, 0, 0]))
+    with pytest.raises(VAEPriorsError, match="`z`"):
+        mixture_log_prob(torch.tensor(1.0), means, 0.0)
+    with pytest.raises(VAEPriorsError, match="`z`"):
+        mixture_log_prob(torch.ones(3, 2, dtype=torch.long), means, 0.0)
     with pytest.raises(VAEPriorsError, match="exclude"):
         mixture_log_prob(z, means, 0.0, exclude=torch.tensor([0, 1, 5]))
     with pytest.raises(VAEPriorsError, match="memory_budget"):
