@@ -7,6 +7,22 @@ Every mixture prior in vaepriors reduces to one operation over B queries and N c
 computed exactly (every component, max-shifted) by one of several backends.
 """
 
-from .reduce import BACKENDS, LogSumExp, knn, mixture_log_prob, mixture_logsumexp
+from .reduce import (
+    BACKENDS,
+    LogSumExp,
+    get_memory_budget,
+    knn,
+    mixture_log_prob,
+    mixture_logsumexp,
+    set_memory_budget,
+)
 
-__all__ = ["BACKENDS", "LogSumExp", "knn", "mixture_log_prob", "mixture_logsumexp"]
+__all__ = [
+    "BACKENDS",
+    "LogSumExp",
+    "get_memory_budget",
+    "knn",
+    "mixture_log_prob",
+    "mixture_logsumexp",
+    "set_memory_budget",
+]

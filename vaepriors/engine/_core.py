@@ -1,4 +1,5 @@
-"""Pieces every backend shares: the partial result and the per-component constants."""
+"""Pieces every backend shares: the partial result, the per-component constants, and the
+accurate squared distances of one block of queries x components."""
 
 from __future__ import annotations
 
@@ -74,3 +75,124 @@ def centre(z: Tensor, means: Tensor) -> tuple[Tensor, Tensor]:
     expansion |z|^2 + |mu|^2 - 2 z.mu loses far less to cancellation on centred data."""
     c = means.detach().mean(0)
     return z - c, means - c
+
+
+# A pair (i, j) is "near" when the expansion's result is below NEAR times the size of its
+# terms (|z_i|^2 + |mu_j|^2, scaled). Its rounding error is then up to ~eps / NEAR of the
+# distance itself, so near pairs are recomputed exactly from the difference z_i - mu_j;
+# every other pair keeps a relative error below ~8 eps, i.e. about 1e-6 in float32.
+NEAR = 0.125
+
+
+class Near(NamedTuple):
+    """Pairs recomputed by the difference form, in block coordinates."""
+
+    i: Tensor  # [K] row in the block
+    j: Tensor  # [K] column in the block
+
+
+def pieces(count: int, d: int, cells: int) -> range:
+    """Starts of slices of ``count`` near pairs whose ``[piece, d]`` temporaries fit ``cells``."""
+    return range(0, count, max(1, cells // max(d, 1)))
+
+
+def inverse_variance(log_var: Tensor) -> Tensor:
+    """``exp(-log_var)`` (0-d, [N] or [N, d])."""
+    return torch.exp(-log_var)
+
+
+def block_sq_dist(
+    zc: Tensor,
+    zz: Tensor,
+    mc: Tensor,
+    mm: Tensor,
+    inv: Tensor,
+    z: Tensor,
+    means: Tensor,
+    *,
+    inplace: bool = False,
+) -> tuple[Tensor, Near]:
+    r"""Squared distances of a block, accurate to a few ulps even for near-coincident points.
+
+    ``zc [b, d]`` and ``mc [n, d]`` are the centred queries and means, ``z`` and ``means``
+    the raw ones (near pairs subtract those: centring itself rounds). For isotropic scales (``inv`` 0-d or
+    ``[n]``) the result is the plain ``|z_i - mu_j|^2`` (scale it with :func:`exponents`),
+    with ``zz = |z|^2 [b]`` and ``mm = |mu|^2 [n]``; for diagonal scales (``inv [n, d]``) it
+    is already scaled, ``sum_k (z_ik - mu_jk)^2 inv_jk``, with ``zz = z*z [b, d]`` and
+    ``mm = sum_k mu_jk^2 inv_jk [n]``.
+
+    The bulk comes from the expansion (one GEMM); pairs where it cancels badly are
+    overwritten with the difference form (differentiably), and returned as :class:`Near`.
+    ``inplace=True`` (no autograd) saves a temporary.
+    """
+    if inv.dim() == 2:
+        t = torch.addmm(mm.expand(zc.shape[0], -1), zz, inv.T)
+        d2 = torch.addmm(t, zc, (mc * inv).T, alpha=-2)
+    else:
+        t = zz[:, None] + mm
+        d2 = torch.addmm(t, zc, mc.T, alpha=-2)
+    with torch.no_grad():
+        # u > 0 marks near pairs; rows are screened with a cheap max before any nonzero()
+        u = t.mul_(NEAR).sub_(d2) if inplace else t.detach() * NEAR - d2.detach()
+        del t
+        rows = torch.nonzero(u.amax(1) > 0).view(-1) if u.numel() else u.new_zeros(0, dtype=torch.long)
+        if rows.numel() == 0:
+            empty = rows.new_zeros(0)
+            return d2, Near(empty, empty)
+        idx = torch.nonzero(u[rows] > 0)
+        del u
+    i, j = rows[idx[:, 0]], idx[:, 1]
+    exact = []
+    step = pieces(i.shape[0], z.shape[1], d2.numel()).step  # [step, d] temporaries: a block's worth
+    for s in range(0, i.shape[0], step):
+        ii, jj = i[s : s + step], j[s : s + step]
+        sq = (z[ii] - means[jj]).square()
+        if inv.dim() == 2:
+            sq = sq * inv[jj]
+        exact.append(sq.sum(-1))
+    d2 = d2.index_put((i, j), torch.cat(exact) if len(exact) > 1 else exact[0])
+    return d2, Near(i, j)
+
+
+def exponents(d2: Tensor, inv: Tensor, a: Tensor) -> Tensor:
+    r"""``a_j - d2_ij * inv_j / 2`` (isotropic) or ``a_j - d2_ij / 2`` (diagonal: already scaled)."""
+    if inv.dim() == 2:
+        return torch.add(a, d2, alpha=-0.5)
+    return torch.addcmul(a, d2, (-0.5 * inv).expand(a.shape))
+
+
+def exclude_(arg: Tensor, local: Tensor, value: float) -> Tensor:
+    r"""Sets ``arg[r, local[r]] = value`` for rows whose ``local`` lies in ``[0, n)``, in place,
+    without a device synchronisation (out-of-range rows write their own value back)."""
+    n = arg.shape[1]
+    valid = (local >= 0) & (local < n)
+    col = local.clamp(0, n - 1)[:, None]
+    cur = arg.gather(1, col)
+    return arg.scatter_(1, col, torch.where(valid[:, None], torch.full_like(cur, value), cur))
+
+
+def exclude(arg: Tensor, local: Tensor, value: float) -> Tensor:
+    """Out-of-place :func:`exclude_`, for tensors autograd needs."""
+    n = arg.shape[1]
+    valid = (local >= 0) & (local < n)
+    col = local.clamp(0, n - 1)[:, None]
+    cur = arg.gather(1, col)
+    return arg.scatter(1, col, torch.where(valid[:, None], torch.full_like(cur, value), cur))
+
+
+def sq_norms(z: Tensor, means: Tensor, inv: Tensor) -> tuple[Tensor, Tensor]:
+    """The ``zz`` and ``mm`` that :func:`block_sq_dist` takes, for centred inputs."""
+    if inv.dim() == 2:
+        return z * z, (means * means * inv).sum(-1)
+    return (z * z).sum(-1), (means * means).sum(-1)
+
+
+def plan_blocks(b: int, n: int, cells: int, rows: int = 256) -> tuple[int, int]:
+    r"""Block sizes ``(bc, nc)`` with ``bc * nc <= cells`` (at least 1 x 1), preferring whole
+    rows of components and about ``rows`` queries per block."""
+    cells = max(1, int(cells))
+    if b * n <= cells:
+        return b, n
+    nc = min(n, max(1, cells // min(b, rows)))
+    bc = min(b, max(1, cells // nc))
+    return bc, nc

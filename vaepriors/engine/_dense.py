@@ -1,4 +1,8 @@
-"""Dense torch backend: the whole B x N exponent matrix at once (fastest for small B x N)."""
+"""Dense torch backend: the whole B x N exponent matrix at once, differentiated by autograd.
+
+Fastest for small B x N; its memory is a few B x N tensors (more with autograd). It is the
+only backend that supports double backward.
+"""
 
 from __future__ import annotations
 
@@ -7,42 +11,55 @@ import math
 import torch
 from torch import Tensor
 
-from ._core import LogSumExp, centre, safe_shift
+from ._core import (
+    LogSumExp,
+    block_sq_dist,
+    centre,
+    exclude,
+    exclude_,
+    exponents,
+    inverse_variance,
+    safe_shift,
+    sq_norms,
+)
+
+# Floats per (query, component) cell at the peak, without / with the autograd graph (about
+# 2.5 and 4 measured on CPU with VmHWM, benchmarks/bench_engine.py).
+CELL_FLOATS = 3
+CELL_FLOATS_GRAD = 5
 
 
-def sq_distances(z: Tensor, means: Tensor, log_var: Tensor) -> Tensor:
-    r"""``sum_k (z_ik - mu_jk)^2 / s_jk^2``, [B, N], by the expansion on centred data."""
-    z, means = centre(z, means)
-    if log_var.dim() == 2:  # per-component diagonal
-        inv = torch.exp(-log_var)
-        d2 = (z * z) @ inv.T - 2 * z @ (means * inv).T + (means * means * inv).sum(-1)
-    else:  # shared scalar or per-component isotropic
-        inv = torch.exp(-log_var)
-        zz = (z * z).sum(-1, keepdim=True)
-        mm = (means * means).sum(-1)
-        d2 = (zz + mm - 2 * z @ means.T) * inv
-    return d2.clamp_min(0)
+def memory(b: int, n: int, d: int, elem: int, budget: int, device: torch.device, grad: bool = False) -> int:
+    """Estimated peak bytes: a few B x N tensors (``memory_budget`` is not used)."""
+    return b * n * elem * (CELL_FLOATS_GRAD if grad else CELL_FLOATS)
 
 
-def exponents(z: Tensor, means: Tensor, log_var: Tensor, a: Tensor, exclude: Tensor | None) -> Tensor:
-    arg = a - 0.5 * sq_distances(z, means, log_var)
-    if exclude is not None:
-        mask = exclude[:, None] == torch.arange(means.shape[0], device=z.device)
-        arg = arg.masked_fill(mask, -math.inf)
-    return arg
-
-
-def logsumexp(z: Tensor, means: Tensor, log_var: Tensor, a: Tensor, exclude: Tensor | None) -> LogSumExp:
-    arg = exponents(z, means, log_var, a, exclude)
+def logsumexp(
+    z: Tensor, means: Tensor, log_var: Tensor, a: Tensor, exclude_idx: Tensor | None, *, memory_budget: int = 0
+) -> LogSumExp:
+    # Without autograd the B x N temporaries are reused in place.
+    inplace = not (torch.is_grad_enabled() and any(t.requires_grad for t in (z, means, log_var, a)))
+    zc, mc = centre(z, means)
+    inv = inverse_variance(log_var)
+    zz, mm = sq_norms(zc, mc, inv)
+    d2, _ = block_sq_dist(zc, zz, mc, mm, inv, z, means, inplace=inplace)
+    arg = exponents(d2, inv, a.expand(means.shape[0]))
+    del d2
+    if exclude_idx is not None:
+        arg = exclude_(arg, exclude_idx, -math.inf) if inplace else exclude(arg, exclude_idx, -math.inf)
     m = arg.detach().amax(1)
-    s = torch.exp(arg - safe_shift(m)[:, None]).sum(1)
+    shift = safe_shift(m)[:, None]
+    s = arg.sub_(shift).exp_().sum(1) if inplace else torch.exp(arg - shift).sum(1)
     return LogSumExp(m, s)
 
 
-def knn(queries: Tensor, points: Tensor, k: int, exclude: Tensor | None) -> tuple[Tensor, Tensor]:
-    zero = torch.zeros((), dtype=queries.dtype, device=queries.device)
-    d2 = sq_distances(queries, points, zero)
-    if exclude is not None:
-        mask = exclude[:, None] == torch.arange(points.shape[0], device=queries.device)
-        d2 = d2.masked_fill(mask, math.inf)
+def knn(
+    queries: Tensor, points: Tensor, k: int, exclude_idx: Tensor | None, *, memory_budget: int = 0
+) -> tuple[Tensor, Tensor]:
+    zc, mc = centre(queries, points)
+    one = torch.ones((), dtype=zc.dtype, device=zc.device)
+    zz, mm = sq_norms(zc, mc, one)
+    d2, _ = block_sq_dist(zc, zz, mc, mm, one, queries, points, inplace=True)
+    if exclude_idx is not None:
+        d2 = exclude(d2, exclude_idx, math.inf)
     return torch.topk(d2, k, dim=1, largest=False, sorted=True)

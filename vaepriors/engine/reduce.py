@@ -1,40 +1,110 @@
-r"""Public entry points of the engine: :func:`mixture_log_prob`, :func:`mixture_logsumexp`, :func:`knn`."""
+r"""Public entry points of the engine: :func:`mixture_log_prob`, :func:`mixture_logsumexp`, :func:`knn`.
+
+Backends (the ``backend`` argument; all give the same numbers to float rounding):
+
+- ``"dense"``: the whole B x N matrix, autograd; fastest for small B x N; twice differentiable.
+- ``"chunked"``: blocks over queries and components with an online max/sum and a
+  block-wise custom backward; memory bounded by ``memory_budget`` in forward AND backward.
+- ``"keops"``: KeOps LazyTensor kernels (1-D or 2-D GPU scheme by shape), nothing B x N in
+  memory; optional: checked once in a child process, and if it cannot run, the call falls
+  back to the torch backends with one warning naming the cause and the fix.
+- ``"auto"`` (default): the fastest backend that fits the memory budget for the device,
+  dtype and shape; never needs KeOps (rule table in ``vaepriors/engine/_auto.py``).
+
+Precision: the bulk of the squared distances comes from one GEMM on centred data; pairs
+where that expansion cancels (a query within ~1/3 of its norm of a mean) are recomputed
+from the difference ``z - mu`` of the raw inputs, so float32 results stay within ~1e-6
+(relative) of float64 even for near-coincident points and tiny variances.
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from .. import _checks
 from ..errors import VAEPriorsError
-from . import _dense
+from . import _auto, _chunked, _dense, _keops
 from ._core import LogSumExp, component_constants
 
-__all__ = ["BACKENDS", "LogSumExp", "knn", "mixture_log_prob", "mixture_logsumexp"]
+__all__ = [
+    "BACKENDS",
+    "LogSumExp",
+    "get_memory_budget",
+    "knn",
+    "mixture_log_prob",
+    "mixture_logsumexp",
+    "set_memory_budget",
+]
 
-Backend = Literal["auto", "dense"]
+Backend = Literal["auto", "dense", "chunked", "keops"]
 
-# name -> (logsumexp, knn); each takes flat [B, d] queries and returns a LogSumExp / (d2, idx).
-_IMPLS: dict[str, tuple[Callable, Callable]] = {
-    "dense": (_dense.logsumexp, _dense.knn),
-}
+# name -> module with logsumexp(z, means, log_var, a, exclude, *, memory_budget) -> LogSumExp,
+# knn(queries, points, k, exclude, *, memory_budget) -> (d2, idx) and memory(...) -> bytes.
+_IMPLS = {"dense": _dense, "chunked": _chunked, "keops": _keops}
 BACKENDS: tuple[str, ...] = ("auto", *_IMPLS)
 """Names accepted by the ``backend`` argument."""
 
+_BUDGET = 256 * 2**20
 
-def _resolve(backend: str, op: str, b: int, n: int, d: int, z: Tensor, memory_budget: int | None) -> str:
-    if backend not in BACKENDS:
+
+def set_memory_budget(nbytes: int) -> None:
+    r"""Sets the default memory budget (bytes of temporaries per call) of the engine.
+
+    ``auto`` picks only backends whose estimated peak memory fits it, and ``chunked``
+    sizes its blocks by it. The default is 256 MiB; a ``memory_budget=`` argument
+    overrides it for one call.
+
+    Example:
+        >>> set_memory_budget(512 * 2**20)
+        >>> get_memory_budget()
+        536870912
+        >>> set_memory_budget(256 * 2**20)
+    """
+    global _BUDGET
+    _BUDGET = _budget(nbytes)
+
+
+def get_memory_budget() -> int:
+    r"""The default memory budget in bytes (see :func:`set_memory_budget`)."""
+    return _BUDGET
+
+
+def _budget(nbytes: object) -> int:
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 1:
+        raise VAEPriorsError(f"`memory_budget` must be a positive int (bytes), got {nbytes!r}")
+    return nbytes
+
+
+def _resolve(backend: str, op: str, b: int, n: int, d: int, z: Tensor, grad: bool, budget: int) -> str:
+    if not isinstance(backend, str) or backend not in BACKENDS:
         raise VAEPriorsError(f"`backend` must be one of {BACKENDS}, got {backend!r}")
-    if backend != "auto":
-        return backend
-    return "dense"
+    if backend == "keops":
+        if _keops.usable_shape(n, z.dtype) and _keops.available(z.device, z.dtype, warn=True):
+            return "keops"
+        return _auto.choose(op, z.device, z.dtype, b, n, d, grad, budget, keops=False)
+    if backend == "auto":
+        return _auto.choose(op, z.device, z.dtype, b, n, d, grad, budget)
+    return backend
+
+
+def _finite(x: Tensor, name: str) -> Tensor:
+    """Like ``_checks.finite`` but without input-sized temporaries (isfinite() makes two)."""
+    if _checks.validation_enabled() and x.numel():
+        lo, hi = torch.aminmax(x.detach())  # NaN and +-inf show up in the extremes
+        if not (math.isfinite(lo.item()) and math.isfinite(hi.item())):
+            raise VAEPriorsError(f"`{name}` contains NaN or infinite values")
+    return x
 
 
 def _prepare(z: Tensor, means: Tensor, exclude: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
-    z = _checks.latent(z, None, "z")
+    z = _checks.floating(z, "z")
+    if z.dim() < 1:
+        raise VAEPriorsError("`z` must have shape [*batch, d], got a scalar")
+    _finite(z, "z")
     means = _checks.floating(means, "means")
     if means.dim() != 2 or means.shape[-1] != z.shape[-1]:
         raise VAEPriorsError(
@@ -47,7 +117,7 @@ def _prepare(z: Tensor, means: Tensor, exclude: Tensor | None) -> tuple[Tensor, 
             f"`means` must have the dtype and device of `z` ({z.dtype}, {z.device}), "
             f"got {means.dtype}, {means.device}"
         )
-    _checks.finite(means, "means")
+    _finite(means, "means")
     if exclude is not None:
         exclude = _checks.index(exclude, z.shape[:-1], means.shape[0], "exclude")
     return z, means, exclude
@@ -62,7 +132,7 @@ def _check_log_var(log_var: Tensor | float, z: Tensor, n: int, d: int) -> Tensor
             f"`log_var` must be a scalar (shared isotropic), [N] (isotropic per component) or "
             f"[N, d] (diagonal per component) with N = {n}, d = {d}; got {tuple(log_var.shape)}"
         )
-    return _checks.finite(log_var.to(z.dtype), "log_var")
+    return _finite(log_var.to(z.dtype), "log_var")
 
 
 def _check_log_weights(log_weights: Tensor | None, z: Tensor, n: int) -> Tensor | None:
@@ -100,8 +170,9 @@ def mixture_logsumexp(
         log_weights: log-weights ``[N]``; ``-inf`` (zero weight) is allowed.
         exclude: component excluded per query, ``[*batch]`` integers in ``[0, N)``, or ``-1``
             for none. The exclusion happens inside the reduction (exact leave-one-out).
-        backend: one of :data:`BACKENDS`.
-        memory_budget: bytes the backend may use for temporaries (``auto`` and ``chunked``).
+        backend: one of :data:`BACKENDS` (see the module docstring for what ``auto`` picks).
+        memory_budget: bytes of temporaries the backend may use (``auto`` picks a backend
+            that fits; ``chunked`` sizes its blocks by it); default :func:`get_memory_budget`.
 
     Returns:
         A :class:`LogSumExp` whose fields have shape ``[*batch]``.
@@ -110,13 +181,16 @@ def mixture_logsumexp(
     n, d = means.shape
     log_var = _check_log_var(log_var, z, n, d)
     log_weights = _check_log_weights(log_weights, z, n)
-    batch = z.shape[:-1]
-    flat = z.reshape(-1, d)
+    budget = _BUDGET if memory_budget is None else _budget(memory_budget)
+    batch, dtype = z.shape[:-1], z.dtype
+    work = torch.promote_types(dtype, torch.float32)  # half precision is reduced in float32
+    flat, means, log_var = z.reshape(-1, d).to(work), means.to(work), log_var.to(work)
     ex = exclude.reshape(-1) if exclude is not None else None
-    a = component_constants(log_var, log_weights, n, d)
-    name = _resolve(backend, "logsumexp", flat.shape[0], n, d, z, memory_budget)
-    part = _IMPLS[name][0](flat, means, log_var, a, ex)
-    return LogSumExp(part.max.reshape(batch), part.sum.reshape(batch))
+    a = component_constants(log_var, None if log_weights is None else log_weights.to(work), n, d)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (flat, means, log_var, a))
+    name = _resolve(backend, "logsumexp", flat.shape[0], n, d, flat, grad, budget)
+    part = _IMPLS[name].logsumexp(flat, means, log_var, a, ex, memory_budget=budget)
+    return LogSumExp(part.max.reshape(batch).to(dtype), part.sum.reshape(batch).to(dtype))
 
 
 def mixture_log_prob(
@@ -203,13 +277,16 @@ def knn(
     limit = n - 1 if exclude is not None else n
     if k > limit:
         raise VAEPriorsError(f"`k` must be at most {limit} (the number of candidate points), got {k}")
+    budget = _BUDGET if memory_budget is None else _budget(memory_budget)
     batch = queries.shape[:-1]
     with torch.no_grad():
-        flat = queries.reshape(-1, d).detach()
+        work = torch.promote_types(queries.dtype, torch.float32)
+        flat = queries.detach().reshape(-1, d).to(work)
+        pts = points.detach().to(work)
         ex = exclude.reshape(-1) if exclude is not None else None
-        name = _resolve(backend, "knn", flat.shape[0], n, d, queries, memory_budget)
-        _, idx = _IMPLS[name][1](flat, points.detach(), k, ex)
-        d2 = (flat[:, None, :] - points[idx]).pow(2).sum(-1)
+        name = _resolve(backend, "knn", flat.shape[0], n, d, flat, False, budget)
+        _, idx = _IMPLS[name].knn(flat, pts, k, ex, memory_budget=budget)
+        d2 = (queries.detach().reshape(-1, d)[:, None, :] - points.detach()[idx]).pow(2).sum(-1)
         d2, order = d2.sort(dim=1)
         idx = idx.gather(1, order)
     return d2.reshape(*batch, k), idx.reshape(*batch, k)

@@ -1,0 +1,266 @@
+r"""KeOps backend: symbolic ``LazyTensor`` reductions, nothing of size B x N in memory.
+
+pykeops is imported only when this backend runs. Before its first use for a device type and
+dtype, a child process compiles and runs a tiny reduction (a KeOps compile can crash the
+whole process, see :func:`check`); the verdict is cached for the process, and successes
+also on disk. Distances use the difference form inside the kernel, so they are as accurate
+as the inputs. The backward is written out as two KeOps reductions (over components for
+the queries' gradient, over queries for the components'), and every scale shape uses the
+same formulas, so each dtype and d compiles three kernels in all (KeOps compiles per
+formula, dtype and dimension); double backward is not supported.
+
+The 1-D scheme (one thread per output row) leaves most of a GPU idle when there are few
+output rows; below :data:`ROWS_2D` rows the 2-D scheme (``GPU_2D``) is used instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ._core import LogSumExp
+
+# Output rows below which the GPU 2-D scheme is used (10-50x faster at B = 100..1000 on an
+# H100, anchors.md); the 1-D scheme needs tens of thousands of rows to fill a GPU.
+ROWS_2D = 20_000
+# Stands in for -inf (excluded pair, zero weight) inside kernels: exp(SENTINEL - max) is an
+# exact 0 without the NaN that -inf - (-inf) would give. Rows whose result stays below
+# SENTINEL / 2 are empty and reported as -inf.
+SENTINEL = -1e30
+# Component indices are compared as floats inside the kernel; float32 is exact below 2^24.
+MAX_INDEX = {torch.float32: 1 << 24, torch.float64: 1 << 53}
+
+_VERDICT: dict[tuple[str, str], tuple[bool, str]] = {}
+_WARNED: set[tuple[str, str]] = set()
+
+_PROBE = r"""
+import sys, torch
+from pykeops.torch import LazyTensor
+dev, dtype = sys.argv[1], getattr(torch, sys.argv[2])
+x = torch.randn(20, 3, dtype=dtype, device=dev)
+y = torch.randn(30, 3, dtype=dtype, device=dev)
+out = (-LazyTensor(x[:, None, :]).sqdist(LazyTensor(y[None, :, :]))).logsumexp(dim=1).view(-1)
+ref = torch.logsumexp(-((x[:, None, :] - y[None, :, :]) ** 2).sum(-1), 1)
+if not torch.allclose(out, ref, rtol=1e-4, atol=1e-4):
+    sys.exit("KeOps gave wrong values: max error %g" % (out - ref).abs().max())
+print("KEOPS_OK")
+"""
+
+FIX = (
+    "If a compile crashed, point CXX at the system compiler (CXX=/usr/bin/g++) and remove "
+    "~/.cache/keops* before the next run; set VAEPRIORS_KEOPS=0 to skip KeOps altogether."
+)
+
+
+def _cache_file() -> Path:
+    root = os.environ.get("VAEPRIORS_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "vaepriors")
+    return Path(root) / "keops_check.json"
+
+
+def _disk_key(device: str, dtype: str) -> str:
+    try:
+        from importlib.metadata import version
+
+        keops = version("pykeops")
+    except Exception:  # noqa: BLE001 - no metadata: no disk cache
+        keops = "?"
+    return "|".join([keops, torch.__version__, sys.executable, os.environ.get("CXX", ""), device, dtype])
+
+
+def _probe(device: str, dtype: str) -> tuple[bool, str]:
+    timeout = float(os.environ.get("VAEPRIORS_KEOPS_TIMEOUT", "600"))
+    try:
+        res = subprocess.run(
+            [sys.executable, "-c", _PROBE, device, dtype],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        return False, f"a test compile did not finish within {timeout:.0f} s"
+    if res.returncode == 0 and "KEOPS_OK" in res.stdout:
+        return True, ""
+    if res.returncode < 0:
+        return False, f"a test compile crashed the process (signal {-res.returncode})"
+    tail = [line for line in (res.stderr + res.stdout).strip().splitlines() if line.strip()][-3:]
+    return False, f"a test reduction failed (exit code {res.returncode}): {' | '.join(tail)}"
+
+
+def check(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
+    r"""Whether KeOps works for this device type and dtype, and if not, why.
+
+    Checked once per process in a child process (a crashing compile cannot take the caller
+    down); successes are remembered on disk (``~/.cache/vaepriors``, or
+    ``$VAEPRIORS_CACHE_DIR``) per pykeops/torch version, interpreter and ``CXX``.
+    ``VAEPRIORS_KEOPS=0`` turns KeOps off.
+    """
+    key = (device.type, str(dtype).removeprefix("torch."))
+    if key in _VERDICT:
+        return _VERDICT[key]
+    if os.environ.get("VAEPRIORS_KEOPS", "1") == "0":
+        verdict = (False, "it is disabled by VAEPRIORS_KEOPS=0")
+    elif dtype not in MAX_INDEX:
+        verdict = (False, f"the KeOps backend supports float32 and float64, not {dtype}")
+    else:
+        import importlib.util
+
+        if importlib.util.find_spec("pykeops") is None:
+            verdict = (False, "pykeops is not installed (pip install pykeops)")
+        else:
+            verdict = _check_with_disk_cache(*key)
+    _VERDICT[key] = verdict
+    return verdict
+
+
+def _check_with_disk_cache(device: str, dtype: str) -> tuple[bool, str]:
+    path, dkey = _cache_file(), _disk_key(device, dtype)
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if known.get(dkey) is True:
+        return True, ""
+    verdict = _probe(device, dtype)
+    if verdict[0]:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            known[dkey] = True
+            path.write_text(json.dumps(known, indent=1))
+        except OSError:
+            pass
+    return verdict
+
+
+def available(device: torch.device, dtype: torch.dtype, *, warn: bool) -> bool:
+    """:func:`check`, warning once per device type and dtype when KeOps is unusable."""
+    ok, cause = check(device, dtype)
+    key = (device.type, str(dtype))
+    if not ok and warn and key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(
+            f"vaepriors: the KeOps backend is unavailable on {device.type} for {dtype} because {cause}; "
+            f"falling back to the torch backends. {FIX}",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    return ok
+
+
+def usable_shape(n: int, dtype: torch.dtype) -> bool:
+    """Whether component indices are exact in the kernel's float type."""
+    return n < MAX_INDEX.get(dtype, 0)
+
+
+def _scheme(device: torch.device, rows: int) -> str:
+    if device.type != "cuda":
+        return "CPU"
+    return "GPU_2D" if rows < ROWS_2D else "GPU_1D"
+
+
+class _Vars:
+    """The LazyTensors of one call: queries, components, their scales and the exclusion."""
+
+    def __init__(self, z: Tensor, means: Tensor, log_var: Tensor, a: Tensor, ex: Tensor | None) -> None:
+        from pykeops.torch import LazyTensor
+
+        b, n = z.shape[0], means.shape[0]
+        # One formula for every scale shape (isotropic scales are expanded to [N, d]): three
+        # compiled kernels per dtype and d instead of six, at the cost of d extra products.
+        inv = torch.exp(-log_var)
+        inv = inv.expand(n)[:, None].expand(n, z.shape[1]) if inv.dim() < 2 else inv
+        e = ex.to(z.dtype) if ex is not None else z.new_full((b,), -1.0)
+        self.zi = LazyTensor(z[:, None, :].contiguous())
+        self.mj = LazyTensor(means[None, :, :].contiguous())
+        self.vj = LazyTensor(inv[None, :, :].contiguous())
+        self.aj = LazyTensor(a.clamp_min(SENTINEL)[None, :, None].contiguous())
+        self.ei = LazyTensor(e[:, None, None].contiguous())
+        self.jj = LazyTensor(torch.arange(n, dtype=z.dtype, device=z.device)[None, :, None])
+        self.LazyTensor = LazyTensor
+
+    def diff(self):
+        return self.zi - self.mj
+
+    def exponent(self):
+        dist = (self.vj * self.diff() ** 2).sum()
+        keep = (self.jj - self.ei).abs() - 0.5  # >= 0 unless j is the excluded index
+        return keep.ifelse(self.aj - 0.5 * dist, SENTINEL)
+
+
+class KeOpsLogSumExp(torch.autograd.Function):
+    r"""The mixture log-sum-exp as three KeOps reductions (forward, backward over components,
+    backward over queries). Not twice differentiable."""
+
+    @staticmethod
+    def forward(ctx, z, means, log_var, a, ex):  # type: ignore[override]
+        v = _Vars(z, means, log_var, a, ex)
+        out = v.exponent().logsumexp(dim=1, backend=_scheme(z.device, z.shape[0])).view(-1)
+        out = torch.where(out < SENTINEL / 2, torch.full_like(out, -float("inf")), out)
+        ctx.save_for_backward(z, means, log_var, a, ex, out)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        z, means, log_var, a, ex, out = ctx.saved_tensors
+        need_z, need_m, need_v, need_a = ctx.needs_input_grad[:4]
+        v = _Vars(z, means, log_var, a, ex)
+        LT = v.LazyTensor
+        finite = torch.isfinite(out)
+        g = torch.where(finite, grad, torch.zeros_like(grad))
+        lse = torch.where(finite, out, torch.zeros_like(out))
+        prob = (v.exponent() - LT(lse[:, None, None].contiguous())).exp()  # P_ij
+        gz = gm = gv = ga = None
+        if need_z:
+            red = (prob * (v.vj * (v.mj - v.zi))).sum(dim=1, backend=_scheme(z.device, z.shape[0]))
+            gz = g[:, None] * red
+        if need_m or need_v or need_a:
+            d = z.shape[1]
+            q = LT(g[:, None, None].contiguous()) * prob
+            diff = v.diff()
+            red = q.concat(q * diff).concat(q * diff**2).sum(dim=0, backend=_scheme(z.device, means.shape[0]))
+            col, qd, qsq = red[:, 0], red[:, 1 : d + 1], red[:, d + 1 :]
+            inv = torch.exp(-log_var)
+            inv = inv[:, None] if inv.dim() == 1 else inv
+            if need_a:
+                ga = col
+            if need_m:
+                gm = inv * qd
+            if need_v:
+                gv = 0.5 * qsq * inv  # [N, d]; summed to the shape of log_var
+                gv = gv.sum() if log_var.dim() == 0 else gv.sum(-1) if log_var.dim() == 1 else gv
+        return gz, gm, gv, ga, None
+
+
+def logsumexp(
+    z: Tensor, means: Tensor, log_var: Tensor, a: Tensor, exclude: Tensor | None, *, memory_budget: int
+) -> LogSumExp:
+    a = a.expand(means.shape[0])
+    return LogSumExp.from_log(KeOpsLogSumExp.apply(z, means, log_var, a, exclude))
+
+
+def knn(
+    queries: Tensor, points: Tensor, k: int, exclude: Tensor | None, *, memory_budget: int
+) -> tuple[Tensor, Tensor]:
+    from pykeops.torch import LazyTensor
+
+    b, n = queries.shape[0], points.shape[0]
+    e = exclude.to(queries.dtype) if exclude is not None else queries.new_full((b,), -1.0)
+    zi = LazyTensor(queries[:, None, :].contiguous())
+    mj = LazyTensor(points[None, :, :].contiguous())
+    ei = LazyTensor(e[:, None, None].contiguous())
+    jj = LazyTensor(torch.arange(n, dtype=queries.dtype, device=queries.device)[None, :, None])
+    dist = ((jj - ei).abs() - 0.5).ifelse(zi.sqdist(mj), -SENTINEL)
+    idx = dist.argKmin(k, dim=1, backend=_scheme(queries.device, b)).view(b, k)
+    return (queries[:, None, :] - points[idx]).square().sum(-1), idx
+
+
+def memory(b: int, n: int, d: int, elem: int, budget: int, device: torch.device) -> int:
+    """Estimated peak bytes: O((B + N) d) copies and outputs, nothing of size B x N."""
+    return (2 * b * (d + 3) + n * (3 * d + 6)) * elem
