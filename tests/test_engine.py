@@ -485,3 +485,12 @@ def test_keops_knn(keops_device):
         ref_d2, ref_idx = brute_knn(q, pts, 4, ex)
         torch.testing.assert_close(idx, ref_idx[:, :4])
         torch.testing.assert_close(d2.double(), ref_d2[:, :4], rtol=1e-5, atol=1e-9)
+
+
+def test_partial_log_keeps_nan_visible():
+    from vaepriors.engine import LogSumExp
+
+    part = LogSumExp(torch.tensor([0.0, -math.inf, 1.0]), torch.tensor([math.nan, 0.0, 2.0]))
+    value = part.log()
+    assert torch.isnan(value[0]) and value[1] == -math.inf
+    assert torch.isclose(value[2], torch.tensor(1.0 + math.log(2.0)))

@@ -9,7 +9,7 @@ from .augment import ExemplarAugmenter, augment_batch
 from .coreset import PseudocoresetPrior
 from .elbo import ELBOOutput, ExemplarELBO
 from .encoder import gaussian_params
-from .engine import knn, mixture_log_prob, mixture_logsumexp
+from .engine import get_memory_budget, knn, mixture_log_prob, mixture_logsumexp, set_memory_budget
 from .errors import VAEPriorsError, set_validation
 from .evaluation import (
     active_units,
@@ -45,6 +45,7 @@ __all__ = [
     "bits_per_dim",
     "decoded_input",
     "gaussian_params",
+    "get_memory_budget",
     "knn",
     "knn_accuracy",
     "log_likelihood",
@@ -53,5 +54,6 @@ __all__ = [
     "novelty_diagnostics",
     "novelty_report",
     "novelty_weights",
+    "set_memory_budget",
     "set_validation",
 ]

@@ -39,7 +39,8 @@ class LogSumExp(NamedTuple):
         """``max + log(sum)``, and ``-inf`` where the shard is empty."""
         tiny = torch.finfo(self.sum.dtype).tiny
         value = safe_shift(self.max) + self.sum.clamp_min(tiny).log()
-        return torch.where(self.sum > 0, value, torch.full_like(value, -math.inf))
+        # Only an exact zero is an empty shard; a NaN sum stays NaN rather than pass as -inf.
+        return torch.where(self.sum == 0, torch.full_like(value, -math.inf), value)
 
     @staticmethod
     def combine(parts: Sequence["LogSumExp"]) -> "LogSumExp":

@@ -91,20 +91,11 @@ def _resolve(backend: str, op: str, b: int, n: int, d: int, z: Tensor, grad: boo
     return backend
 
 
-def _finite(x: Tensor, name: str) -> Tensor:
-    """Like ``_checks.finite`` but without input-sized temporaries (isfinite() makes two)."""
-    if _checks.validation_enabled() and x.numel():
-        lo, hi = torch.aminmax(x.detach())  # NaN and +-inf show up in the extremes
-        if not (math.isfinite(lo.item()) and math.isfinite(hi.item())):
-            raise VAEPriorsError(f"`{name}` contains NaN or infinite values")
-    return x
-
-
 def _prepare(z: Tensor, means: Tensor, exclude: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
     z = _checks.floating(z, "z")
     if z.dim() < 1:
         raise VAEPriorsError("`z` must have shape [*batch, d], got a scalar")
-    _finite(z, "z")
+    _checks.finite(z, "z")
     means = _checks.floating(means, "means")
     if means.dim() != 2 or means.shape[-1] != z.shape[-1]:
         raise VAEPriorsError(
@@ -117,7 +108,7 @@ def _prepare(z: Tensor, means: Tensor, exclude: Tensor | None) -> tuple[Tensor, 
             f"`means` must have the dtype and device of `z` ({z.dtype}, {z.device}), "
             f"got {means.dtype}, {means.device}"
         )
-    _finite(means, "means")
+    _checks.finite(means, "means")
     if exclude is not None:
         exclude = _checks.index(exclude, z.shape[:-1], means.shape[0], "exclude")
     return z, means, exclude
@@ -132,7 +123,7 @@ def _check_log_var(log_var: Tensor | float, z: Tensor, n: int, d: int) -> Tensor
             f"`log_var` must be a scalar (shared isotropic), [N] (isotropic per component) or "
             f"[N, d] (diagonal per component) with N = {n}, d = {d}; got {tuple(log_var.shape)}"
         )
-    return _finite(log_var.to(z.dtype), "log_var")
+    return _checks.finite(log_var.to(z.dtype), "log_var")
 
 
 def _check_log_weights(log_weights: Tensor | None, z: Tensor, n: int) -> Tensor | None:
