@@ -320,27 +320,41 @@ def test_log_likelihood_accepts_loaders_triples_and_restores_modes() -> None:
 @pytest.mark.parametrize(
     "k", [pytest.param(5_000, id="5k"), pytest.param(50_000, marks=pytest.mark.slow, id="50k")]
 )
-def test_log_likelihood_memory_bounded(k: int) -> None:
+def test_log_likelihood_memory_bounded(k: int, monkeypatch) -> None:
     # S = 5000 samples against K components: S x K component terms per point (2.5e8 for
-    # K = 50000, ~20 s with the dense CPU engine here, hence slow). Every prior call must see
-    # few enough latents that dense [rows, K] temporaries fit the budget.
+    # K = 50000). Each layer bounds its own memory: the estimator's chunks of latents fit its
+    # budget, and every dense [rows, K] reduction the engine runs fits the engine's budget
+    # (larger ones go to its chunked backend). Never an S x K block, let alone S x K x batch.
+    from vaepriors.engine import _dense
+
     lin = make_linear()
-    s, budget = 5000, 32 * 2**20
+    s, budget, engine_budget = 5000, 32 * 2**20, 8 * 2**20
     prior = vp.MixturePrior(d, k, learn_weights=False, init_spread=3.0, init_log_var=math.log(0.1))
     rows: list[int] = []
-    original = prior.log_prob
+    dense_cells: list[int] = []
+    original, dense = prior.log_prob, _dense.logsumexp
 
     def spy(z: Tensor, **kw) -> Tensor:
         rows.append(z.shape[:-1].numel())
         return original(z, **kw)
 
+    def dense_spy(z, means, *args, **kw):
+        dense_cells.append(z.shape[0] * means.shape[0])
+        return dense(z, means, *args, **kw)
+
     prior.log_prob = spy  # type: ignore[method-assign]
+    monkeypatch.setattr(_dense, "logsumexp", dense_spy)
     model = vp.ExemplarELBO(lin.encoder(prior_var=9.0, inflate=1.5, dtype=torch.float32), lin.decoder(torch.float32), prior)
     x = _points(lin, 1).float()
-    out = ev.log_likelihood(model, x, n_samples=s, memory_budget=budget, progress=False)
+    saved = vp.get_memory_budget()
+    vp.set_memory_budget(engine_budget)
+    try:
+        out = ev.log_likelihood(model, x, n_samples=s, memory_budget=budget, progress=False)
+    finally:
+        vp.set_memory_budget(saved)
     assert sum(rows) == s * len(x)
-    assert max(rows) < s  # never the whole S x K block of one point
-    assert max(rows) * k * 4 * 4 <= budget  # four [rows, K] float32 temporaries fit
+    assert max(rows) * (4 * D + 8 * d) * 4 <= budget  # the estimator's own chunk temporaries
+    assert all(c * 4 <= engine_budget for c in dense_cells)  # each dense [rows, K] float32 block
     mix = (torch.full((k,), -math.log(k)), prior.means.detach(), prior.log_var.detach().exp())
     truth = lin.log_px(mix, x)
     torch.testing.assert_close(out.values, truth, rtol=0, atol=0.05)

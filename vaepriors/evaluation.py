@@ -187,18 +187,6 @@ def _encode_all(encode: Callable, x: Tensor, batch_size: int, device: torch.devi
     return torch.cat(means), torch.cat(log_vars)
 
 
-def _n_components(prior: Any) -> int:
-    """The prior's number of mixture components where it says (``n_components``), else 0."""
-    for attr in ("n_components", "n_exemplars"):
-        try:
-            n = getattr(prior, attr, None)
-        except Exception:  # a property that cannot answer (e.g. an unbound prior)
-            n = None
-        if isinstance(n, int) and not isinstance(n, bool):
-            return n
-    return 0
-
-
 # -- log-likelihood -----------------------------------------------------------------------
 
 
@@ -286,9 +274,10 @@ def log_likelihood(
         data: a tensor ``[N, ...]``, or an iterable (e.g. a DataLoader) of batches ``x`` or
             ``(x, y, ...)``.
         n_samples: S, importance samples per point (5000 in the papers).
-        memory_budget: bytes of temporaries one chunk may use (default: 64 MiB on CPU, a
-            quarter of the free memory on a CUDA device). Raise it when the prior's engine
-            backend bounds its own temporaries: bigger chunks mean fewer calls.
+        memory_budget: bytes of the chunk's own temporaries (latents, decoder outputs;
+            default: 64 MiB on CPU, a quarter of the free memory on a CUDA device). The
+            prior's reduction over its components stays within the engine's budget
+            (:func:`vaepriors.set_memory_budget`), whatever the chunk size.
         batch_size: points encoded at once when ``data`` is a tensor.
         device: where to compute (default: the model's device, else the data's).
         generator: a :class:`torch.Generator` on that device, for reproducible samples.
@@ -318,7 +307,6 @@ def log_likelihood(
     dev = torch.device(device) if device is not None else _device_of(parts.roots)
     budget = _budget(memory_budget, dev)
     batches, total = _batches(data, batch_size)
-    k = _n_components(model.prior)
 
     results: list[Tensor] = []
     n_dims = None
@@ -336,7 +324,9 @@ def log_likelihood(
                 _checks.finite(mean, "encoder mean")
                 _checks.finite(log_var, "encoder log_var")
                 d = mean.shape[-1]
-                row_bytes = mean.element_size() * (4 * dims + 8 * d + 4 * k)
+                # The chunk's own temporaries (decoder outputs, latents); the prior's reduction
+                # over its components is bounded by the engine's memory budget.
+                row_bytes = mean.element_size() * (4 * dims + 8 * d)
                 s_chunk, b_chunk = _plan(n_samples, row_bytes, budget)
                 for p in range(0, x.shape[0], b_chunk):
                     results.append(
