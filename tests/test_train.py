@@ -162,3 +162,13 @@ def test_coreset_updates_follow_the_every_option(tmp_path):
     train(tmp_path, "--prior", "coreset", "--epochs", "3", "--coreset-every", "2", "--eval-samples", "0")
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["model"]
     assert int(state["prior.adam_step"]) == 2
+
+
+def test_no_validate_switches_checks_off_for_the_run_only(tmp_path, monkeypatch):
+    from vaepriors import errors
+
+    seen = []
+    original = T._run
+    monkeypatch.setattr(T, "_run", lambda args: seen.append(errors.validation_enabled()) or original(args))
+    train(tmp_path, "--epochs", "1", "--eval-samples", "0", "--no-validate")
+    assert seen == [False] and errors.validation_enabled()

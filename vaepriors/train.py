@@ -37,7 +37,7 @@ from torch.distributions import Distribution
 from .coreset import PseudocoresetPrior
 from .data import MNIST_ENV, Splits, load_dataset
 from .elbo import ExemplarELBO
-from .errors import VAEPriorsError
+from .errors import VAEPriorsError, set_validation, validation_enabled
 from .exemplar import ExemplarPrior
 from .gaussian import GaussianPrior
 from .mixture import MixturePrior
@@ -206,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default=None, help="output folder (default runs/<prior>-<dataset>)")
     g.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     g.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
+    g.add_argument("--validate", action=argparse.BooleanOptionalAction, default=True,
+                   help="check tensor values (NaN/inf, index ranges) on every call; --no-validate "
+                        "saves a GPU synchronisation per check once a setup is known to work")
     g.add_argument("--threads", type=int, default=None,
                    help=f"CPU threads for torch, 0 for torch's choice [{preset('threads')}]")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -343,13 +346,15 @@ def run(args: argparse.Namespace) -> dict:
         >>> metrics["epochs_run"]
         1
     """
-    threads = torch.get_num_threads()
+    threads, validate = torch.get_num_threads(), validation_enabled()
     if args.threads:
         torch.set_num_threads(args.threads)
+    set_validation(args.validate)
     try:
         return _run(args)
     finally:
         torch.set_num_threads(threads)
+        set_validation(validate)
 
 
 def _run(args: argparse.Namespace) -> dict:
