@@ -51,37 +51,47 @@ PRECISION = "tf32x3"
 # must fit in registers).
 MAX_D = 256
 
-_VERDICT: dict[str, tuple[bool, str]] = {}
+_VERDICT: dict[tuple[str, str], tuple[bool, str]] = {}
 _WARNED: set[tuple[str, str]] = set()
 
 _PROBE = r"""
 import sys, torch
 from vaepriors.engine import _fused
+torch.set_default_dtype(getattr(torch, sys.argv[1]))
 z, mu = torch.randn(37, 5, device="cuda"), torch.randn(53, 5, device="cuda")
 a, lv = torch.randn(53, device="cuda"), torch.tensor(0.3, device="cuda")
 ex = torch.randint(-1, 53, (37,), device="cuda")
+for t in (z, mu, a, lv):
+    t.requires_grad_()
 out = _fused.logsumexp(z, mu, lv, a, ex, memory_budget=1 << 20).log()
 arg = a - 0.5 * torch.exp(-lv) * ((z[:, None] - mu[None]) ** 2).sum(-1)
 arg[torch.arange(37, device="cuda")[ex >= 0], ex[ex >= 0]] = -float("inf")
 ref = torch.logsumexp(arg, 1)
 if not torch.allclose(out, ref, rtol=1e-5, atol=1e-5):
     sys.exit("the fused kernel gave wrong values: max error %g" % (out - ref).abs().max())
+g = torch.autograd.grad(out.sum(), (z, mu, a, lv))
+r = torch.autograd.grad(ref.sum(), (z, mu, a, lv))
+if not all(torch.allclose(x, y, rtol=1e-4, atol=1e-5) for x, y in zip(g, r)):
+    sys.exit("the fused kernel gave wrong gradients")
 print("FUSED_OK")
 """
 
-FIX = "Install Triton (pip install 'triton>=3.0'; it ships with PyTorch's CUDA wheels) or pick another backend."
+FIX = (
+    "The fused backend needs a CUDA GPU and Triton >= 3.0 (it ships with PyTorch's CUDA wheels); "
+    "backend='auto' never needs it."
+)
 
 
 def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _probe() -> tuple[bool, str]:
+def _probe(dtype: str) -> tuple[bool, str]:
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
     try:
         res = subprocess.run(
-            [sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=600, env=env
+            [sys.executable, "-c", _PROBE, dtype], capture_output=True, text=True, timeout=600, env=env
         )
     except subprocess.TimeoutExpired:
         return False, "a test compile did not finish within 600 s"
@@ -95,7 +105,8 @@ def check(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
     r"""Whether the fused kernels can run on this device type and dtype, and if not, why.
 
     CPU: only under Triton's interpreter (``TRITON_INTERPRET=1``). CUDA: Triton installed
-    and a tiny reduction, run once per process in a child process, matches torch.
+    and a tiny reduction and its gradients, run once per process and dtype in a child
+    process, match torch.
     ``VAEPRIORS_FUSED=0`` turns the backend off.
     """
     if dtype not in (torch.float32, torch.float64):
@@ -110,14 +121,15 @@ def check(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
         return True, ""
     if device.type != "cuda":
         return False, f"it needs a CUDA device, got {device.type}"
-    if device.type not in _VERDICT:
+    key = (device.type, str(dtype).removeprefix("torch."))
+    if key not in _VERDICT:
         if importlib.util.find_spec("triton") is None:
-            _VERDICT[device.type] = (False, "triton is not installed")
+            _VERDICT[key] = (False, "triton is not installed")
         elif _interpret():
-            _VERDICT[device.type] = (True, "")
+            _VERDICT[key] = (True, "")
         else:
-            _VERDICT[device.type] = _probe()
-    return _VERDICT[device.type]
+            _VERDICT[key] = _probe(key[1])
+    return _VERDICT[key]
 
 
 def available(device: torch.device, dtype: torch.dtype, *, warn: bool) -> bool:
