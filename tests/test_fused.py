@@ -236,3 +236,25 @@ def test_memory_estimate_has_no_b_by_n_term():
     cpu = torch.device("cpu")
     small = _fused.memory(10_000, 60_000, 40, 4, 1 << 20, cpu, True)
     assert small < 2**20 and _fused.memory(20_000, 120_000, 40, 4, 1 << 20, cpu, True) < 2 * small + 1
+
+
+def test_triton_is_not_imported_unless_the_fused_kernels_run(tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, warnings, torch\n"
+        "from vaepriors.engine import knn, mixture_logsumexp\n"
+        "z, mu = torch.randn(5, 3), torch.randn(7, 3)\n"
+        "mixture_logsumexp(z, mu, 0.0)\n"
+        "knn(z, mu, 2)\n"
+        "with warnings.catch_warnings():\n"
+        "    warnings.simplefilter('ignore')\n"
+        "    mixture_logsumexp(z, mu, 0.0, backend='fused')\n"
+        "assert 'triton' not in sys.modules, 'triton was imported'\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]

@@ -338,7 +338,8 @@ class FusedLogSumExp(torch.autograd.Function):
         k = _Launch(z, means, log_var, a, ex)
         m = torch.empty(k.b, dtype=z.dtype, device=z.device)
         s = torch.empty_like(m)
-        k.fwd[(k.triton.cdiv(k.b, k.bm),)](*k.args(), m, s, k.b, k.n, k.d, NEAR, **k.meta())
+        if k.b:  # a CUDA launch needs a non-empty grid
+            k.fwd[(k.triton.cdiv(k.b, k.bm),)](*k.args(), m, s, k.b, k.n, k.d, NEAR, **k.meta())
         out = LogSumExp(m, s).log()
         ctx.save_for_backward(z, means, log_var, a, ex, out)
         return out
@@ -355,7 +356,10 @@ class FusedLogSumExp(torch.autograd.Function):
         gz = gm = gv = ga = None
         if need_z:
             gz = torch.empty_like(k.z)
-            k.bwd_rows[(k.triton.cdiv(k.b, k.bm),)](*k.args(), lse, g, gz, k.b, k.n, k.d, NEAR, **k.meta())
+            if k.b:
+                k.bwd_rows[(k.triton.cdiv(k.b, k.bm),)](
+                    *k.args(), lse, g, gz, k.b, k.n, k.d, NEAR, **k.meta()
+                )
         if need_m or need_v or need_a:
             gm = torch.empty_like(k.means)
             gv = torch.empty(k.n, dtype=z.dtype, device=z.device)
