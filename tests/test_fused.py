@@ -90,7 +90,10 @@ def inputs(dev, scale="scalar", n=N, b=B, d=D, spread=1.0):
     g = torch.Generator().manual_seed(1)
     z = torch.randn(b, d, generator=g, dtype=torch.float64) * spread
     mu = torch.randn(n, d, generator=g, dtype=torch.float64) * spread
-    lv = torch.tensor(0.3, dtype=torch.float64) if scale == "scalar" else torch.randn(n, generator=g, dtype=torch.float64) * 0.5
+    if scale == "scalar":
+        lv = torch.tensor(0.3, dtype=torch.float64)
+    else:
+        lv = torch.randn(n, generator=g, dtype=torch.float64) * 0.5
     lw = torch.log_softmax(torch.randn(n, generator=g, dtype=torch.float64), 0)
     ex = torch.randint(-1, n, (b,), generator=g)
     return [t.to(dev) for t in (z, mu, lv, lw)], ex.to(dev)
@@ -181,7 +184,8 @@ def test_near_points_keep_float32_accuracy(dev):
     seed=st.integers(0, 2**16),
 )
 def test_random_shapes_match_reference(b, n, d, log_var, spread, seed):
-    dev = torch.device("cuda") if os.environ.get("TRITON_INTERPRET") != "1" and torch.cuda.is_available() else torch.device("cpu")
+    compiled = os.environ.get("TRITON_INTERPRET") != "1" and torch.cuda.is_available()
+    dev = torch.device("cuda" if compiled else "cpu")
     g = torch.Generator().manual_seed(seed)
     z = (torch.randn(b, d, generator=g) * spread).double().to(dev)
     mu = (torch.randn(n, d, generator=g) * spread).double().to(dev)
