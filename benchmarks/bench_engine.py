@@ -47,10 +47,11 @@ if __name__ == "__main__" and "--threads" in sys.argv and "OMP_NUM_THREADS" not 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from vaepriors.engine import _auto, _chunked, _dense, _keops, get_memory_budget, mixture_logsumexp  # noqa: E402
+from vaepriors.engine import _auto, _chunked, _dense, _fused, _keops, get_memory_budget, mixture_logsumexp  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-BACKENDS = ["dense", "chunked", "keops", "auto"]
+BACKENDS = ["dense", "chunked", "keops", "fused", "auto"]
+SINGLE = [be for be in BACKENDS if be != "auto"]
 QUICK = [(b, n, 40) for n in (10_000, 60_000) for b in (100, 1000, 10_000)] + [
     (100, 1000, 40),  # training-sized shapes, where dense wins
     (500, 1000, 40),
@@ -174,13 +175,15 @@ def estimate(backend: str, b: int, n: int, d: int, grad: bool, device: torch.dev
         return _dense.memory(b, n, d, 4, budget, device, grad)
     if backend == "chunked":
         return _chunked.memory(b, n, d, 4, budget, device, grad)
+    if backend == "fused":
+        return _fused.memory(b, n, d, 4, budget, device, grad)
     return _keops.memory(b, n, d, 4, budget, device)
 
 
 # ----------------------------------------------------------------------------- the grid
 
 
-def bench_shape(b, n, d, device, rounds, max_seconds, rates, keops_ok, log, case_seconds=10.0):
+def bench_shape(b, n, d, device, rounds, max_seconds, rates, usable, log, case_seconds=10.0):
     gen = torch.Generator().manual_seed(0)
     z = torch.randn(b, d, generator=gen).to(device)
     mu = torch.randn(n, d, generator=gen).to(device)
@@ -197,8 +200,8 @@ def bench_shape(b, n, d, device, rounds, max_seconds, rates, keops_ok, log, case
         mode = "fwd+bwd" if g else "fwd"
         res = out["results"].setdefault(be, {})
         real = picks[g] if be == "auto" else be
-        if real == "keops" and not keops_ok:
-            res[mode] = {"skipped": "KeOps unavailable"}
+        if not usable.get(real, True):
+            res[mode] = {"skipped": f"{real} unavailable"}
             continue
         est = estimate(real, b, n, d, g, device)
         predicted = rates.get((real, g), 0.0) * b * n * d
@@ -265,7 +268,7 @@ def ratios(row, mode, within_budget, pick=False):
     ``pick``: the time of the backend auto picked, as measured under its own name."""
     budget_mb = get_memory_budget() / 2**20
     best = None
-    for be in ("dense", "chunked", "keops"):
+    for be in SINGLE:
         r = row["results"][be][mode]
         if "ms" not in r or (within_budget and r.get("est_mb", 0) > budget_mb):
             continue
@@ -292,8 +295,8 @@ def markdown(report) -> str:
         "estimate in brackets). Errors of float32 vs float64, max over backends: relative value "
         "error / normwise relative z-gradient error per query.",
         "",
-        "| B | N | d | dense | chunked | keops | auto (pick) | auto/best | pick/best | peak MiB dense / chunked / keops / auto | err value / grad |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| B | N | d | {' | '.join(SINGLE)} | auto (pick) | auto/best | pick/best | peak MiB {' / '.join(BACKENDS)} | err value / grad |",
+        "|---|---|---|" + "---|" * (len(BACKENDS) + 4),
     ]
     for row in report["rows"]:
         cells = []
@@ -357,7 +360,7 @@ def plot(report, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    colours = {"dense": "tab:blue", "chunked": "tab:orange", "keops": "tab:green"}
+    colours = {"dense": "tab:blue", "chunked": "tab:orange", "keops": "tab:green", "fused": "tab:red"}
     for ax, mode in zip(axes, ("fwd", "fwd+bwd")):
         for d, style in ((40, "-"), (128, "--")):
             rows = sorted((r for r in report["rows"] if r["d"] == d), key=lambda r: r["cells"])
@@ -400,6 +403,8 @@ def main() -> None:
     rounds = args.rounds or 5
     max_seconds = args.max_seconds or (30.0 if args.full else 10.0)
     keops_ok = _keops.available(device, torch.float32, warn=True)
+    # the fused kernels are timed on GPUs only (on CPU they run only in Triton's interpreter)
+    fused_ok = device.type == "cuda" and _fused.available(device, torch.float32, warn=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
     if device.type == "cpu":
         try:
@@ -415,6 +420,7 @@ def main() -> None:
         "threads": args.threads,
         "budget_mb": get_memory_budget() / 2**20,
         "keops": keops_ok,
+        "fused": fused_ok,
         "command": " ".join(["python", "benchmarks/bench_engine.py", *sys.argv[1:]]),
         "date": time.strftime("%Y-%m-%d"),
     }
@@ -422,7 +428,8 @@ def main() -> None:
     rows = []
     t0 = time.time()
     for b, n, d in sorted(shapes, key=lambda s: s[0] * s[1] * s[2]):
-        rows.append(bench_shape(b, n, d, device, rounds, max_seconds, rates, keops_ok, lambda s: print(s, flush=True)))
+        usable = {"keops": keops_ok, "fused": fused_ok}
+        rows.append(bench_shape(b, n, d, device, rounds, max_seconds, rates, usable, lambda s: print(s, flush=True)))
     rows.sort(key=lambda r: (r["d"], r["N"], r["B"]))
     for row in rows:
         for be in BACKENDS:

@@ -8,6 +8,7 @@ grad mode is on and an input requires grad; memory as estimated by each backend'
 device  condition                                                          backend
 ======  =================================================================  ========
 cpu     dense fits the budget and ``cells <= DENSE_CELLS_CPU``             dense
+cuda    ``FUSED_MEASURED``, logsumexp, isotropic scales, Triton usable     fused
 cuda    dense fits the budget                                              dense
 cuda    ``B >= KEOPS_ROWS`` and KeOps passes its check                     keops
 any     otherwise                                                          chunked
@@ -27,6 +28,10 @@ Where the figures come from:
   dense; B = 5 000 x N = 1e6: 173 ms vs 130 ms chunked). To be confirmed by
   ``bench_engine.py --full --device cuda``.
 
+- The fused Triton backend is not picked until a GPU session has measured it:
+  ``FUSED_MEASURED`` is ``False`` until ``bench_engine.py --full --device cuda`` shows where
+  it wins (then set it, and narrow the rule to those shapes).
+
 The same rules serve kNN (torch top-k merged across blocks, or KeOps argKmin) with
 ``grad = False``.
 """
@@ -35,12 +40,15 @@ from __future__ import annotations
 
 import torch
 
-from . import _dense, _keops
+from . import _dense, _fused, _keops
 
 # Above this B x N dense is not picked on CPU even when it fits the budget.
 DENSE_CELLS_CPU = 1 << 19
 # Queries from which KeOps' 1-D scheme beats chunked torch on a GPU (see the module docstring).
 KEOPS_ROWS = 20_000
+# Set by a GPU session from `python benchmarks/bench_engine.py --full --device cuda`: until
+# then auto never runs the (untimed) fused kernels on users' GPUs.
+FUSED_MEASURED = False
 
 
 def dense_memory(b: int, n: int, elem: int, grad: bool) -> int:
@@ -59,10 +67,20 @@ def choose(
     budget: int,
     *,
     keops: bool = True,
+    isotropic: bool = True,
 ) -> str:
-    """The backend name for one call (``op`` is ``"logsumexp"`` or ``"knn"``)."""
+    """The backend name for one call (``op`` is ``"logsumexp"`` or ``"knn"``; ``isotropic``:
+    the scales are a scalar or ``[N]``, not diagonal ``[N, d]``)."""
     elem = torch.finfo(dtype).bits // 8
     cells = b * n
+    if (
+        FUSED_MEASURED
+        and device.type == "cuda"
+        and op == "logsumexp"
+        and _fused.usable_shape(d, isotropic)
+        and _fused.available(device, dtype, warn=False)
+    ):
+        return "fused"
     fits = _dense.memory(b, n, d, elem, budget, device, grad) <= budget
     if fits and (device.type != "cpu" or cells <= DENSE_CELLS_CPU):
         return "dense"

@@ -8,6 +8,10 @@ Backends (the ``backend`` argument; all give the same numbers to float rounding)
 - ``"keops"``: KeOps LazyTensor kernels (1-D or 2-D GPU scheme by shape), nothing B x N in
   memory; optional: checked once in a child process, and if it cannot run, the call falls
   back to the torch backends with one warning naming the cause and the fix.
+- ``"fused"``: Triton kernels (FlashAttention-style tiles, online max/sum, a backward that
+  recomputes the probabilities), nothing B x N in memory; isotropic scales only (diagonal
+  ones and kNN go to ``chunked``); optional: needs Triton and CUDA (or Triton's interpreter,
+  ``TRITON_INTERPRET=1``, for tests); where it cannot run, ``chunked`` with one warning.
 - ``"auto"`` (default): the fastest backend that fits the memory budget for the device,
   dtype and shape; never needs KeOps (rule table in ``vaepriors/engine/_auto.py``).
 
@@ -27,7 +31,7 @@ from torch import Tensor
 
 from .. import _checks
 from ..errors import VAEPriorsError
-from . import _auto, _chunked, _dense, _keops
+from . import _auto, _chunked, _dense, _fused, _keops
 from ._core import LogSumExp, component_constants
 
 __all__ = [
@@ -40,11 +44,11 @@ __all__ = [
     "set_memory_budget",
 ]
 
-Backend = Literal["auto", "dense", "chunked", "keops"]
+Backend = Literal["auto", "dense", "chunked", "keops", "fused"]
 
 # name -> module with logsumexp(z, means, log_var, a, exclude, *, memory_budget) -> LogSumExp,
 # knn(queries, points, k, exclude, *, memory_budget) -> (d2, idx) and memory(...) -> bytes.
-_IMPLS = {"dense": _dense, "chunked": _chunked, "keops": _keops}
+_IMPLS = {"dense": _dense, "chunked": _chunked, "keops": _keops, "fused": _fused}
 BACKENDS: tuple[str, ...] = ("auto", *_IMPLS)
 """Names accepted by the ``backend`` argument."""
 
@@ -79,15 +83,20 @@ def _budget(nbytes: object) -> int:
     return nbytes
 
 
-def _resolve(backend: str, op: str, b: int, n: int, d: int, z: Tensor, grad: bool, budget: int) -> str:
+def _resolve(
+    backend: str, op: str, b: int, n: int, d: int, z: Tensor, grad: bool, budget: int, isotropic: bool = True
+) -> str:
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise VAEPriorsError(f"`backend` must be one of {BACKENDS}, got {backend!r}")
+    if backend == "fused":
+        # _fused itself hands diagonal scales, wide d and kNN to chunked
+        return "fused" if _fused.available(z.device, z.dtype, warn=True) else "chunked"
     if backend == "keops":
         if _keops.usable_shape(n, z.dtype) and _keops.available(z.device, z.dtype, warn=True):
             return "keops"
-        return _auto.choose(op, z.device, z.dtype, b, n, d, grad, budget, keops=False)
+        return _auto.choose(op, z.device, z.dtype, b, n, d, grad, budget, keops=False, isotropic=isotropic)
     if backend == "auto":
-        return _auto.choose(op, z.device, z.dtype, b, n, d, grad, budget)
+        return _auto.choose(op, z.device, z.dtype, b, n, d, grad, budget, isotropic=isotropic)
     return backend
 
 
@@ -179,7 +188,7 @@ def mixture_logsumexp(
     ex = exclude.reshape(-1) if exclude is not None else None
     a = component_constants(log_var, None if log_weights is None else log_weights.to(work), n, d)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (flat, means, log_var, a))
-    name = _resolve(backend, "logsumexp", flat.shape[0], n, d, flat, grad, budget)
+    name = _resolve(backend, "logsumexp", flat.shape[0], n, d, flat, grad, budget, log_var.dim() < 2)
     part = _IMPLS[name].logsumexp(flat, means, log_var, a, ex, memory_budget=budget)
     return LogSumExp(part.max.reshape(batch).to(dtype), part.sum.reshape(batch).to(dtype))
 

@@ -1,0 +1,389 @@
+r"""Fused Triton backend: one kernel per pass, FlashAttention-style, nothing of size B x N.
+
+For isotropic scales (``log_var`` a scalar or ``[N]``) the forward kernel tiles queries
+(``BLOCK_M``) and components (``BLOCK_N``): per tile it computes the cross term ``z . mu``
+with ``tl.dot`` on centred data (in :data:`PRECISION`, which keeps float32 accuracy), adds
+the squared norms, and updates a per-row online max and shifted sum. Pairs where that
+expansion cancels (a query near a mean, as :func:`._core.block_sq_dist` defines it) are
+recomputed inside the kernel from the raw difference ``z - mu``, only in tiles that hold
+such a pair. Leave-one-out exclusion (query ``i`` skips column ``exclude[i]``) and zero
+weights (``a_j = -inf``) happen inside the kernel.
+
+The backward (:class:`FusedLogSumExp`) saves only the inputs and the per-row log-sum-exp
+and recomputes the probabilities tile by tile in two kernels: one over query tiles (the
+gradient of ``z``) and one over component tiles (``means``, ``log_var``, ``a``). Two passes
+instead of atomics: every output is written by one program, so the gradients are
+deterministic and need no zero-initialised float atomics, at the price of computing the
+exponentials twice (FlashAttention-2 makes the opposite choice; a GPU session may compare).
+
+Triton is imported only when this backend runs. On CUDA it is checked once per process in
+a child process (a compile failure cannot take the caller down); on CPU it runs only under
+Triton's interpreter (``TRITON_INTERPRET=1``, for tests). Where it cannot run,
+``backend="fused"`` falls back to ``chunked`` with one warning. Diagonal ``[N, d]`` scales
+and kNN are delegated to the chunked backend. Not twice differentiable.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+import warnings
+
+import torch
+from torch import Tensor
+
+from . import _chunked
+from ._core import NEAR, LogSumExp
+
+# Tile sizes on a GPU (untuned: a GPU session tunes them with bench_engine.py), and under
+# the interpreter, where small tiles keep the tests fast.
+BLOCK_M, BLOCK_N = 64, 64
+BLOCK_INTERPRET = 16
+# Precision of the tl.dot cross term on a GPU: "ieee" (fp32 FMA, exact) or "tf32x3" (three
+# TF32 passes on tensor cores, about fp32 accuracy, several times faster). The interpreter
+# and float64 always use "ieee".
+PRECISION = "tf32x3"
+# Latent dimensions above this go to the chunked backend (one [BLOCK, d] tile per operand
+# must fit in registers).
+MAX_D = 256
+
+_VERDICT: dict[tuple[str, str], tuple[bool, str]] = {}
+_WARNED: set[tuple[str, str]] = set()
+
+_PROBE = r"""
+import sys, torch
+from vaepriors.engine import _fused
+torch.set_default_dtype(getattr(torch, sys.argv[1]))
+z, mu = torch.randn(37, 5, device="cuda"), torch.randn(53, 5, device="cuda")
+a, lv = torch.randn(53, device="cuda"), torch.tensor(0.3, device="cuda")
+ex = torch.randint(-1, 53, (37,), device="cuda")
+for t in (z, mu, a, lv):
+    t.requires_grad_()
+out = _fused.logsumexp(z, mu, lv, a, ex, memory_budget=1 << 20).log()
+arg = a - 0.5 * torch.exp(-lv) * ((z[:, None] - mu[None]) ** 2).sum(-1)
+arg[torch.arange(37, device="cuda")[ex >= 0], ex[ex >= 0]] = -float("inf")
+ref = torch.logsumexp(arg, 1)
+if not torch.allclose(out, ref, rtol=1e-5, atol=1e-5):
+    sys.exit("the fused kernel gave wrong values: max error %g" % (out - ref).abs().max())
+g = torch.autograd.grad(out.sum(), (z, mu, a, lv))
+r = torch.autograd.grad(ref.sum(), (z, mu, a, lv))
+if not all(torch.allclose(x, y, rtol=1e-4, atol=1e-5) for x, y in zip(g, r)):
+    sys.exit("the fused kernel gave wrong gradients")
+print("FUSED_OK")
+"""
+
+FIX = (
+    "The fused backend needs a CUDA GPU and Triton >= 3.0 (it ships with PyTorch's CUDA wheels); "
+    "backend='auto' never needs it."
+)
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _probe(dtype: str) -> tuple[bool, str]:
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    try:
+        res = subprocess.run(
+            [sys.executable, "-c", _PROBE, dtype], capture_output=True, text=True, timeout=600, env=env
+        )
+    except subprocess.TimeoutExpired:
+        return False, "a test compile did not finish within 600 s"
+    if res.returncode == 0 and "FUSED_OK" in res.stdout:
+        return True, ""
+    tail = [line for line in (res.stderr + res.stdout).strip().splitlines() if line.strip()][-3:]
+    return False, f"a test run failed (exit code {res.returncode}): {' | '.join(tail)}"
+
+
+def check(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
+    r"""Whether the fused kernels can run on this device type and dtype, and if not, why.
+
+    CPU: only under Triton's interpreter (``TRITON_INTERPRET=1``). CUDA: Triton installed
+    and a tiny reduction and its gradients, run once per process and dtype in a child
+    process, match torch.
+    ``VAEPRIORS_FUSED=0`` turns the backend off.
+    """
+    if dtype not in (torch.float32, torch.float64):
+        return False, f"the fused backend supports float32 and float64, not {dtype}"
+    if os.environ.get("VAEPRIORS_FUSED", "1") == "0":
+        return False, "it is disabled by VAEPRIORS_FUSED=0"
+    if device.type == "cpu":
+        if not _interpret():
+            return False, "it runs on CPU only under Triton's interpreter (TRITON_INTERPRET=1)"
+        if importlib.util.find_spec("triton") is None:
+            return False, "triton is not installed"
+        return True, ""
+    if device.type != "cuda":
+        return False, f"it needs a CUDA device, got {device.type}"
+    key = (device.type, str(dtype).removeprefix("torch."))
+    if key not in _VERDICT:
+        if importlib.util.find_spec("triton") is None:
+            _VERDICT[key] = (False, "triton is not installed")
+        elif _interpret():
+            _VERDICT[key] = (True, "")
+        else:
+            _VERDICT[key] = _probe(key[1])
+    return _VERDICT[key]
+
+
+def available(device: torch.device, dtype: torch.dtype, *, warn: bool) -> bool:
+    """:func:`check`, warning once per device type and dtype when the backend is unusable."""
+    ok, cause = check(device, dtype)
+    key = (device.type, str(dtype))
+    if not ok and warn and key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(
+            f"vaepriors: the fused backend is unavailable on {device.type} for {dtype} because {cause}; "
+            f"falling back to the chunked backend. {FIX}",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    return ok
+
+
+def usable_shape(d: int, isotropic: bool) -> bool:
+    """Whether the kernels handle this latent dimension and scale shape."""
+    return isotropic and d <= MAX_D
+
+
+def memory(b: int, n: int, d: int, elem: int, budget: int, device: torch.device, grad: bool = False) -> int:
+    """Estimated peak bytes: a few numbers per query and per component, nothing B x N."""
+    return (4 * b + 3 * n + d) * elem
+
+
+@functools.lru_cache(maxsize=1)
+def _kernels():
+    """The jitted kernels, built on first use. ``triton.jit`` reads ``TRITON_INTERPRET`` when
+    it decorates, so one process uses one mode (CPU needs the interpreter, see :func:`check`).
+    Kernels find the functions they call in their module's globals (the interpreter ignores
+    closures), hence the helpers are published there."""
+    import triton
+    import triton.language as tl
+
+    return _define(triton, tl)
+
+
+def _define(triton, tl):
+    @triton.jit
+    def _sq_dist(Z, M, rows, cols, ks, zc, zz, mc, mm, keep, rmask, cmask, D, near_frac, PREC: tl.constexpr):
+        # Expansion on centred data; near pairs (where it cancels) from the raw difference.
+        cross = tl.dot(zc, tl.trans(mc), input_precision=PREC)
+        t = zz[:, None] + mm[None, :]
+        d2 = t - 2.0 * cross
+        near = (d2 < near_frac * t) & keep
+        if tl.max(near.to(tl.int32)) > 0:
+            exact = tl.zeros_like(d2)
+            for k in range(D):
+                zk = tl.load(Z + rows * D + k, mask=rmask, other=0.0)
+                mk = tl.load(M + cols * D + k, mask=cmask, other=0.0)
+                diff = zk[:, None] - mk[None, :]
+                exact += diff * diff
+            d2 = tl.where(near, exact, d2)
+        return d2, near
+
+    @triton.jit
+    def _load_rows(Z, C, rows, ks, B, D):
+        rmask = rows < B
+        kmask = ks < D
+        c = tl.load(C + ks, mask=kmask, other=0.0)
+        z = tl.load(Z + rows[:, None] * D + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        zc = tl.where(kmask[None, :], z - c[None, :], 0.0)
+        return zc, tl.sum(zc * zc, 1), rmask
+
+    @triton.jit
+    def _load_cols(M, C, INV, A, cols, ks, N, D):
+        cmask = cols < N
+        kmask = ks < D
+        c = tl.load(C + ks, mask=kmask, other=0.0)
+        m = tl.load(M + cols[:, None] * D + ks[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
+        mc = tl.where(cmask[:, None] & kmask[None, :], m - c[None, :], 0.0)
+        inv = tl.load(INV + cols, mask=cmask, other=0.0)
+        a = tl.load(A + cols, mask=cmask, other=0.0)
+        return mc, tl.sum(mc * mc, 1), inv, a, cmask
+
+    globals().update(_sq_dist=_sq_dist, _load_rows=_load_rows, _load_cols=_load_cols)
+
+    @triton.jit
+    def _fwd(Z, M, C, INV, A, EX, OUT_M, OUT_S, B, N, D, near_frac,
+             BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr, PREC: tl.constexpr):
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        ks = tl.arange(0, DP)
+        zc, zz, rmask = _load_rows(Z, C, rows, ks, B, D)
+        ex = tl.load(EX + rows, mask=rmask, other=-1)
+        m_i = tl.full([BM], float("-inf"), zc.dtype)
+        s_i = tl.zeros([BM], zc.dtype)
+        for start in range(0, N, BN):
+            cols = start + tl.arange(0, BN)
+            mc, mm, inv, a, cmask = _load_cols(M, C, INV, A, cols, ks, N, D)
+            keep = cmask[None, :] & (cols[None, :] != ex[:, None]) & rmask[:, None]
+            d2, near = _sq_dist(Z, M, rows, cols, ks, zc, zz, mc, mm, keep, rmask, cmask, D, near_frac, PREC)
+            arg = tl.where(keep, a[None, :] - 0.5 * inv[None, :] * d2, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(arg, 1))
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # empty rows: exp(-inf) = 0
+            s_i = s_i * tl.exp(m_i - shift) + tl.sum(tl.exp(arg - shift[:, None]), 1)
+            m_i = m_new
+        tl.store(OUT_M + rows, m_i, mask=rmask)
+        tl.store(OUT_S + rows, s_i, mask=rmask)
+
+    @triton.jit
+    def _bwd_rows(Z, M, C, INV, A, EX, LSE, G, GZ, B, N, D, near_frac,
+                  BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr, PREC: tl.constexpr):
+        # dL/dz_i = sum_j P_ij g_i inv_j (mu_j - z_i), over component tiles.
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        ks = tl.arange(0, DP)
+        zc, zz, rmask = _load_rows(Z, C, rows, ks, B, D)
+        ex = tl.load(EX + rows, mask=rmask, other=-1)
+        lse = tl.load(LSE + rows, mask=rmask, other=0.0)
+        g = tl.load(G + rows, mask=rmask, other=0.0)
+        acc = tl.zeros([BM, DP], zc.dtype)
+        for start in range(0, N, BN):
+            cols = start + tl.arange(0, BN)
+            mc, mm, inv, a, cmask = _load_cols(M, C, INV, A, cols, ks, N, D)
+            keep = cmask[None, :] & (cols[None, :] != ex[:, None]) & rmask[:, None]
+            d2, near = _sq_dist(Z, M, rows, cols, ks, zc, zz, mc, mm, keep, rmask, cmask, D, near_frac, PREC)
+            arg = a[None, :] - 0.5 * inv[None, :] * d2 - lse[:, None]
+            w = tl.where(keep, tl.exp(tl.where(keep, arg, 0.0)) * g[:, None] * inv[None, :], 0.0)
+            far = tl.where(near, 0.0, w)
+            acc += tl.dot(far, mc, input_precision=PREC) - zc * tl.sum(far, 1)[:, None]
+            if tl.max(near.to(tl.int32)) > 0:  # near pairs: sum_j w_ij (mu_j - z_i) from the raw difference
+                wn = tl.where(near, w, 0.0)
+                for k in range(D):
+                    zk = tl.load(Z + rows * D + k, mask=rmask, other=0.0)
+                    mk = tl.load(M + cols * D + k, mask=cmask, other=0.0)
+                    colk = tl.sum(wn * (mk[None, :] - zk[:, None]), 1)
+                    acc += tl.where(ks[None, :] == k, colk[:, None], 0.0)
+        tl.store(GZ + rows[:, None] * D + ks[None, :], acc, mask=rmask[:, None] & (ks[None, :] < D))
+
+    @triton.jit
+    def _bwd_cols(Z, M, C, INV, A, EX, LSE, G, GM, GV, GA, B, N, D, near_frac,
+                  BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr, PREC: tl.constexpr):
+        # Over query tiles: dL/da_j = sum_i P_ij g_i, dL/dlog_var_j = inv_j / 2 sum_i P_ij g_i d2_ij,
+        # dL/dmu_j = sum_i P_ij g_i inv_j (z_i - mu_j).
+        cols = tl.program_id(0) * BN + tl.arange(0, BN)
+        ks = tl.arange(0, DP)
+        mc, mm, inv, a, cmask = _load_cols(M, C, INV, A, cols, ks, N, D)
+        ga = tl.zeros([BN], mc.dtype)
+        gv = tl.zeros([BN], mc.dtype)
+        acc = tl.zeros([BN, DP], mc.dtype)
+        for start in range(0, B, BM):
+            rows = start + tl.arange(0, BM)
+            zc, zz, rmask = _load_rows(Z, C, rows, ks, B, D)
+            ex = tl.load(EX + rows, mask=rmask, other=-1)
+            lse = tl.load(LSE + rows, mask=rmask, other=0.0)
+            g = tl.load(G + rows, mask=rmask, other=0.0)
+            keep = cmask[None, :] & (cols[None, :] != ex[:, None]) & rmask[:, None]
+            d2, near = _sq_dist(Z, M, rows, cols, ks, zc, zz, mc, mm, keep, rmask, cmask, D, near_frac, PREC)
+            arg = a[None, :] - 0.5 * inv[None, :] * d2 - lse[:, None]
+            p = tl.where(keep, tl.exp(tl.where(keep, arg, 0.0)) * g[:, None], 0.0)
+            ga += tl.sum(p, 0)
+            gv += tl.sum(p * d2, 0)
+            w = p * inv[None, :]
+            far = tl.where(near, 0.0, w)
+            acc += tl.dot(tl.trans(far), zc, input_precision=PREC) - mc * tl.sum(far, 0)[:, None]
+            if tl.max(near.to(tl.int32)) > 0:
+                wn = tl.where(near, w, 0.0)
+                for k in range(D):
+                    zk = tl.load(Z + rows * D + k, mask=rmask, other=0.0)
+                    mk = tl.load(M + cols * D + k, mask=cmask, other=0.0)
+                    colk = tl.sum(wn * (zk[:, None] - mk[None, :]), 0)
+                    acc += tl.where(ks[None, :] == k, colk[:, None], 0.0)
+        tl.store(GM + cols[:, None] * D + ks[None, :], acc, mask=cmask[:, None] & (ks[None, :] < D))
+        tl.store(GA + cols, ga, mask=cmask)
+        tl.store(GV + cols, 0.5 * inv * gv, mask=cmask)
+
+    return triton, _fwd, _bwd_rows, _bwd_cols
+
+
+class _Launch:
+    """Everything the kernels of one call take besides the per-pass buffers."""
+
+    def __init__(self, z: Tensor, means: Tensor, log_var: Tensor, a: Tensor, ex: Tensor | None) -> None:
+        interpret = _interpret()
+        self.triton, self.fwd, self.bwd_rows, self.bwd_cols = _kernels()
+        b, n = z.shape[0], means.shape[0]
+        self.b, self.n, self.d = b, n, z.shape[1]
+        self.z, self.means = z.contiguous(), means.contiguous()
+        self.c = means.mean(0).contiguous()
+        self.inv = torch.exp(-log_var).expand(n).contiguous()
+        self.a = a.expand(n).contiguous()
+        self.ex = ex.contiguous() if ex is not None else torch.full((b,), -1, dtype=torch.long, device=z.device)
+        bm = bn = BLOCK_INTERPRET if interpret else None
+        self.bm, self.bn = bm or BLOCK_M, bn or BLOCK_N
+        self.dp = max(16, self.triton.next_power_of_2(self.d))
+        self.prec = "ieee" if interpret or z.dtype == torch.float64 else PRECISION
+
+    def args(self) -> tuple:
+        return (self.z, self.means, self.c, self.inv, self.a, self.ex)
+
+    def meta(self) -> dict:
+        return dict(BM=self.bm, BN=self.bn, DP=self.dp, PREC=self.prec)
+
+
+class FusedLogSumExp(torch.autograd.Function):
+    r"""``L_i = log sum_{j != e_i} exp(a_j - inv_j |z_i - mu_j|^2 / 2)`` by the fused kernels.
+
+    Saves the inputs and ``L``; the backward recomputes the probabilities tile by tile
+    (gradients of ``z``, ``means``, ``log_var`` (0-d or ``[N]``) and ``a``). Not twice
+    differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, z, means, log_var, a, ex):  # type: ignore[override]
+        k = _Launch(z, means, log_var, a, ex)
+        m = torch.empty(k.b, dtype=z.dtype, device=z.device)
+        s = torch.empty_like(m)
+        if k.b:  # a CUDA launch needs a non-empty grid
+            k.fwd[(k.triton.cdiv(k.b, k.bm),)](*k.args(), m, s, k.b, k.n, k.d, NEAR, **k.meta())
+        out = LogSumExp(m, s).log()
+        ctx.save_for_backward(z, means, log_var, a, ex, out)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        z, means, log_var, a, ex, out = ctx.saved_tensors
+        need_z, need_m, need_v, need_a = ctx.needs_input_grad[:4]
+        k = _Launch(z, means, log_var, a, ex)
+        finite = torch.isfinite(out)
+        g = torch.where(finite, grad, torch.zeros_like(grad)).contiguous()
+        lse = torch.where(finite, out, torch.zeros_like(out)).contiguous()
+        gz = gm = gv = ga = None
+        if need_z:
+            gz = torch.empty_like(k.z)
+            if k.b:
+                k.bwd_rows[(k.triton.cdiv(k.b, k.bm),)](
+                    *k.args(), lse, g, gz, k.b, k.n, k.d, NEAR, **k.meta()
+                )
+        if need_m or need_v or need_a:
+            gm = torch.empty_like(k.means)
+            gv = torch.empty(k.n, dtype=z.dtype, device=z.device)
+            ga = torch.empty_like(gv)
+            k.bwd_cols[(k.triton.cdiv(k.n, k.bn),)](
+                *k.args(), lse, g, gm, gv, ga, k.b, k.n, k.d, NEAR, **k.meta()
+            )
+            if log_var.dim() == 0:
+                gv = gv.sum()
+            gm, gv, ga = (t if need else None for t, need in ((gm, need_m), (gv, need_v), (ga, need_a)))
+        return gz, gm, gv, ga, None
+
+
+def logsumexp(
+    z: Tensor, means: Tensor, log_var: Tensor, a: Tensor, exclude: Tensor | None, *, memory_budget: int
+) -> LogSumExp:
+    if not usable_shape(z.shape[1], log_var.dim() < 2):  # diagonal scales, very wide d
+        return _chunked.logsumexp(z, means, log_var, a, exclude, memory_budget=memory_budget)
+    a = a.expand(means.shape[0])
+    return LogSumExp.from_log(FusedLogSumExp.apply(z, means, log_var, a, exclude))
+
+
+def knn(
+    queries: Tensor, points: Tensor, k: int, exclude: Tensor | None, *, memory_budget: int
+) -> tuple[Tensor, Tensor]:
+    # No fused top-k kernel yet: the chunked search (same result, bounded memory).
+    return _chunked.knn(queries, points, k, exclude, memory_budget=memory_budget)
