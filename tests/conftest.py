@@ -25,6 +25,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # Triton reads TRITON_INTERPRET once, when it is first imported (torch may import it in
+    # any earlier test), so a CPU run turns the interpreter on before any test runs; the fused
+    # backend's kernels then run on CPU tensors.
+    if torch.device(config.getoption("--device")).type == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "dtype" in metafunc.fixturenames:
         names = metafunc.config.getoption("--dtype").split(",")

@@ -401,7 +401,7 @@ def test_memory_budget_default_and_auto_rules(monkeypatch):
         torch.testing.assert_close(mixture_logsumexp(z, means, 0.0).log().double(), ref, rtol=1e-6, atol=1e-6)
     finally:
         engine.set_memory_budget(old)
-    assert set(BACKENDS) == {"auto", "dense", "chunked", "keops"}
+    assert set(BACKENDS) == {"auto", "dense", "chunked", "keops", "fused"}
     cpu, cuda, f32 = torch.device("cpu"), torch.device("cuda"), torch.float32
     choose = _auto.choose
     assert choose("logsumexp", cpu, f32, 100, 1000, 40, True, 2**28) == "dense"

@@ -28,7 +28,7 @@ B, N, D = 37, 53, 5
 
 @pytest.fixture(scope="module", autouse=True)
 def _interpreter(request: pytest.FixtureRequest):
-    """CPU runs need the interpreter; it is read when the kernels are first built."""
+    """CPU runs need the interpreter (conftest also sets it before Triton can be imported)."""
     saved = os.environ.get("TRITON_INTERPRET")
     if torch.device(request.config.getoption("--device")).type == "cpu":
         os.environ["TRITON_INTERPRET"] = "1"
