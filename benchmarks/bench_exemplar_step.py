@@ -1,4 +1,5 @@
-r"""Time one training step (forward + backward + Adam) of an MLP VAE on 28x28 inputs under three
+r"""Time one training step (forward + backward + Adam) of the papers' VAE (gated MLP
+784-300-300, d = 40, Bernoulli decoder: :func:`vaepriors.models.make_mlp_vae`) under three
 priors, side by side in one run: ExemplarPrior with full exemplar subsampling (M exemplars
 re-encoded per step), ExemplarPrior with RAT (k neighbours), and the Gaussian prior.
 
@@ -14,49 +15,20 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
-import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import torch
-from torch import nn
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import MODEL, machine, model, sync  # noqa: E402  (puts this checkout's vaepriors first)
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's vaepriors
+import torch  # noqa: E402
+
 import vaepriors as vp  # noqa: E402
 
 D_IN = 28 * 28
-
-
-class MLPEncoder(nn.Module):
-    def __init__(self, d: int, hidden: int = 300) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(D_IN, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
-        self.head = nn.Linear(hidden, 2 * d)
-
-    def forward(self, x):
-        mean, log_var = self.head(self.net(x)).chunk(2, -1)
-        return mean, log_var.clamp(-8, 4)
-
-
-class MLPDecoder(nn.Module):
-    def __init__(self, d: int, hidden: int = 300) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, D_IN)
-        )
-
-    def forward(self, z):
-        return torch.distributions.Bernoulli(logits=self.net(z))
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main() -> None:
@@ -79,7 +51,7 @@ def main() -> None:
     torch.manual_seed(0)
     n, b, d = args.n_exemplars, args.batch, args.latent
     data = torch.rand(n, D_IN, device=device)  # grey-level exemplars (and training set)
-    enc0, dec0 = MLPEncoder(d).to(device), MLPDecoder(d).to(device)
+    enc0, dec0 = model(d, device=device, seed=0)
     full_steps = args.full_steps or max(1, args.steps // 3)
 
     configs = {
@@ -133,12 +105,29 @@ def main() -> None:
         sync(device)
         return time.perf_counter() - t0
 
+    # ... and its re-encoding alone: b * k retrieved exemplars through the encoder, fwd + bwd.
+    enc_run = dict(steps=args.steps, times=[])
+
+    def encode_only() -> float:
+        enc = rat["elbo"].encoder
+        idx = torch.randint(n, (b * args.k,), generator=gen).to(device)
+        sync(device)
+        t0 = time.perf_counter()
+        mean, log_var = enc(data[idx])
+        (mean.square().sum() + log_var.sum()).backward()
+        sync(device)
+        enc.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    knn_only(), encode_only()  # warm-up
     for r in range(args.rounds):
         for name, run in runs.items():
             run["times"] += [step(run) for _ in range(run["steps"])]
             print(f"round {r} {name}: median {1e3 * statistics.median(run['times']):.1f} ms", flush=True)
         knn_run["times"] += [knn_only() for _ in range(args.steps)]
+        enc_run["times"] += [encode_only() for _ in range(args.steps)]
     runs[f"(RAT part: engine knn, {b} x {n})"] = knn_run
+    runs[f"(RAT part: re-encode {b} x {args.k} exemplars, fwd + bwd)"] = enc_run
 
     base = statistics.median(runs["gaussian"]["times"])
     rows = []
@@ -157,19 +146,14 @@ def main() -> None:
         )
     tag = device.type
     meta = dict(
-        date=datetime.datetime.now().isoformat(timespec="seconds"),
-        device=str(device),
-        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-        torch=torch.__version__,
-        threads=args.threads,
+        **machine(device),
         n_exemplars=n,
         batch=b,
         latent_dim=d,
         subsample=args.subsample,
         k=args.k,
         rounds=args.rounds,
-        load_average=list(os.getloadavg()),
-        model="MLP VAE 784-300-300-(2x40) / 40-300-300-784 Bernoulli, ReLU, Adam lr 5e-4",
+        model=MODEL + ", Adam lr 5e-4",
         data="random grey-level exemplars, binarised batches",
         command=" ".join(["python benchmarks/bench_exemplar_step.py", *sys.argv[1:]]),
     )
@@ -179,7 +163,7 @@ def main() -> None:
     lines = [
         f"# Exemplar prior: one training step ({meta['device']}, {meta['device_name']}, torch {meta['torch']}, {args.threads} thread(s))",
         "",
-        f"MLP VAE, batch {b}, d = {d}, N = {n} exemplars; fwd + bwd + Adam; median over interleaved rounds. "
+        f"{MODEL}; batch {b}, d = {d}, N = {n} exemplars; fwd + bwd + Adam; median over interleaved rounds. "
         f"{meta['date']}; load average at the end {', '.join(f'{v:.1f}' for v in meta['load_average'])} "
         "(shared machine: compare ratios within this table only).",
         "",
