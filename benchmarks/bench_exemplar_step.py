@@ -1,4 +1,5 @@
-r"""Time one training step (forward + backward + Adam) of an MLP VAE on 28x28 inputs under three
+r"""Time one training step (forward + backward + Adam) of the papers' VAE (gated MLP
+784-300-300, d = 40, Bernoulli decoder: :func:`vaepriors.models.make_mlp_vae`) under three
 priors, side by side in one run: ExemplarPrior with full exemplar subsampling (M exemplars
 re-encoded per step), ExemplarPrior with RAT (k neighbours), and the Gaussian prior.
 
@@ -14,49 +15,20 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
-import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import torch
-from torch import nn
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import MODEL, machine, model, sync  # noqa: E402  (puts this checkout's vaepriors first)
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's vaepriors
+import torch  # noqa: E402
+
 import vaepriors as vp  # noqa: E402
 
 D_IN = 28 * 28
-
-
-class MLPEncoder(nn.Module):
-    def __init__(self, d: int, hidden: int = 300) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(D_IN, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
-        self.head = nn.Linear(hidden, 2 * d)
-
-    def forward(self, x):
-        mean, log_var = self.head(self.net(x)).chunk(2, -1)
-        return mean, log_var.clamp(-8, 4)
-
-
-class MLPDecoder(nn.Module):
-    def __init__(self, d: int, hidden: int = 300) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, D_IN)
-        )
-
-    def forward(self, z):
-        return torch.distributions.Bernoulli(logits=self.net(z))
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main() -> None:
@@ -79,7 +51,7 @@ def main() -> None:
     torch.manual_seed(0)
     n, b, d = args.n_exemplars, args.batch, args.latent
     data = torch.rand(n, D_IN, device=device)  # grey-level exemplars (and training set)
-    enc0, dec0 = MLPEncoder(d).to(device), MLPDecoder(d).to(device)
+    enc0, dec0 = model(d, device=device, seed=0)
     full_steps = args.full_steps or max(1, args.steps // 3)
 
     configs = {
@@ -107,7 +79,11 @@ def main() -> None:
         out.loss.backward()
         run["opt"].step()
         sync(device)
-        return time.perf_counter() - t0
+        t = time.perf_counter() - t0
+        nb = getattr(run["elbo"].prior, "last_neighbours", None)
+        if getattr(run["elbo"].prior, "k", None) is not None and nb is not None:
+            run.setdefault("encoded", []).append(int(torch.unique(nb).numel()))  # rows RAT re-encoded
+        return t
 
     # Warm-up: one step each (this builds the RAT cache: timed separately).
     for name, run in runs.items():
@@ -133,12 +109,31 @@ def main() -> None:
         sync(device)
         return time.perf_counter() - t0
 
+    # ... and its re-encoding alone: as many exemplars as RAT's steps re-encode (the distinct
+    # ones among the b * k retrieved), through the encoder, fwd + bwd.
+    enc_run = dict(steps=args.steps, times=[])
+
+    def encode_only() -> float:
+        enc = rat["elbo"].encoder
+        rows = round(statistics.mean(rat.get("encoded") or [b * args.k]))  # as many as RAT re-encodes
+        idx = torch.randperm(n, generator=gen)[:rows].to(device)
+        sync(device)
+        t0 = time.perf_counter()
+        mean, log_var = enc(data[idx])
+        (mean.square().sum() + log_var.sum()).backward()
+        sync(device)
+        enc.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    knn_only(), encode_only()  # warm-up
     for r in range(args.rounds):
         for name, run in runs.items():
             run["times"] += [step(run) for _ in range(run["steps"])]
             print(f"round {r} {name}: median {1e3 * statistics.median(run['times']):.1f} ms", flush=True)
         knn_run["times"] += [knn_only() for _ in range(args.steps)]
+        enc_run["times"] += [encode_only() for _ in range(args.steps)]
     runs[f"(RAT part: engine knn, {b} x {n})"] = knn_run
+    runs["(RAT part: re-encode the retrieved exemplars, fwd + bwd)"] = enc_run
 
     base = statistics.median(runs["gaussian"]["times"])
     rows = []
@@ -153,23 +148,19 @@ def main() -> None:
                 steps=len(t),
                 ratio_to_gaussian=statistics.median(t) / base,
                 cache_build_s=run.get("cache_build_s"),
+                mean_rows_reencoded=statistics.mean(run["encoded"]) if run.get("encoded") else None,
             )
         )
     tag = device.type
     meta = dict(
-        date=datetime.datetime.now().isoformat(timespec="seconds"),
-        device=str(device),
-        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-        torch=torch.__version__,
-        threads=args.threads,
+        **machine(device),
         n_exemplars=n,
         batch=b,
         latent_dim=d,
         subsample=args.subsample,
         k=args.k,
         rounds=args.rounds,
-        load_average=list(os.getloadavg()),
-        model="MLP VAE 784-300-300-(2x40) / 40-300-300-784 Bernoulli, ReLU, Adam lr 5e-4",
+        model=MODEL + ", Adam lr 5e-4",
         data="random grey-level exemplars, binarised batches",
         command=" ".join(["python benchmarks/bench_exemplar_step.py", *sys.argv[1:]]),
     )
@@ -179,7 +170,7 @@ def main() -> None:
     lines = [
         f"# Exemplar prior: one training step ({meta['device']}, {meta['device_name']}, torch {meta['torch']}, {args.threads} thread(s))",
         "",
-        f"MLP VAE, batch {b}, d = {d}, N = {n} exemplars; fwd + bwd + Adam; median over interleaved rounds. "
+        f"{MODEL}; batch {b}, d = {d}, N = {n} exemplars; fwd + bwd + Adam; median over interleaved rounds. "
         f"{meta['date']}; load average at the end {', '.join(f'{v:.1f}' for v in meta['load_average'])} "
         "(shared machine: compare ratios within this table only).",
         "",
@@ -192,6 +183,14 @@ def main() -> None:
             f"| {r['prior']} | {r['median_ms']:.1f} | {r['min_ms']:.1f} | {r['max_ms']:.1f} | {r['steps']} | "
             f"{r['ratio_to_gaussian']:.2f} | {cb} |"
         )
+    enc_rows = next((r["mean_rows_reencoded"] for r in rows if r["mean_rows_reencoded"] is not None), None)
+    if enc_rows is not None:
+        lines += [
+            "",
+            f"RAT re-encodes the distinct retrieved exemplars only: {enc_rows:.0f} rows per step on average here "
+            f"(of {b} x {args.k} retrieved; random weights make neighbourhoods overlap); the re-encoding row "
+            "times that many rows.",
+        ]
     lines += ["", f"Command: `{meta['command']}`", ""]
     (out / f"exemplar_step_{tag}.md").write_text("\n".join(lines))
     print("\n".join(lines))

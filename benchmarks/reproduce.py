@@ -50,8 +50,6 @@ import argparse
 import datetime
 import json
 import math
-import os
-import platform
 import shlex
 import shutil
 import sys
@@ -60,8 +58,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # this checkout's vaepriors
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ROOT, machine, sync  # noqa: E402  (puts this checkout's vaepriors first)
+
 import vaepriors as vp  # noqa: E402
 from vaepriors import train  # noqa: E402
 from vaepriors.data import binarize, load_dataset, mnist_root  # noqa: E402
@@ -196,10 +195,10 @@ def measure(elbo: vp.ExemplarELBO, splits: vp.data.Splits, cfg: dict, device: to
     values = None
     if cfg["eval_samples"]:
         gen = torch.Generator(device=device).manual_seed(cfg["seed"])
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         ll = vp.log_likelihood(elbo, splits.test, cfg["eval_samples"], batch_size=1000, generator=gen, progress=progress)
-        _sync(device)
+        sync(device)
         out.update(log_likelihood=ll.mean, log_likelihood_std_error=ll.std_error, eval_samples=ll.n_samples,
                    loglik_seconds=time.perf_counter() - t0)  # fmt: skip
         values = ll.values.cpu()
@@ -217,11 +216,6 @@ def measure(elbo: vp.ExemplarELBO, splits: vp.data.Splits, cfg: dict, device: to
         knn_best={"k": best_k, "accuracy": acc[best_k]},
     )
     return out, values
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def paired_difference(values: torch.Tensor, reference: torch.Tensor) -> dict:
@@ -291,26 +285,6 @@ def run_prior(prior: str, cfg: dict, splits: vp.data.Splits, runs: Path, *, devi
     return row, images, values
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _machine(device: str) -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpu": _cpu_name(), "cpu_count": os.cpu_count()}  # fmt: skip
-    if device.startswith("cuda") and torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
-    if hasattr(os, "getloadavg"):
-        info["load_average"] = round(os.getloadavg()[0], 2)
-    return info
-
-
 def run_benchmark(cfg: dict, priors: list[str], out: Path, *, runs: Path, device: str | None = None,
                   data_dir: str | None = None, progress: bool = False, resume: bool = False,
                   command: str | None = None, docs_static: Path | None = None) -> dict:  # fmt: skip
@@ -345,7 +319,7 @@ def run_benchmark(cfg: dict, priors: list[str], out: Path, *, runs: Path, device
         "description": DESCRIPTIONS.get(cfg["name"], ""),
         "command": command,
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "machine": _machine(rows[0]["device"] if rows else device),
+        "machine": {**machine(rows[0]["device"] if rows else device), "threads": cfg["threads"] or torch.get_num_threads()},
         "sizes": {"train": len(splits.train), "valid": len(splits.valid), "test": len(splits.test)},
         "dataset": splits.name,
         "wall_seconds": time.perf_counter() - started,
@@ -379,9 +353,10 @@ def table(results: dict) -> str:
     s_text = "/".join(map(str, s)) or "none (not computed)"
     paper = _paper(results)
     m = results["machine"]
-    where = m.get("gpu") or f"{m['cpu']} CPU, {cfg['threads'] or 'all'} thread(s) of {m['cpu_count']}"
+    on_gpu = str(m.get("device", "")).startswith("cuda")
+    where = m["device_name"] if on_gpu else f"{m['cpu']} CPU, {cfg['threads'] or 'all'} thread(s) of {m['cpu_count']}"
     if "load_average" in m:
-        where += f", load average {m['load_average']} at the end (shared machine)"
+        where += f", load average {m['load_average'][0]} at the end (shared machine)"
     ks = cfg["knn_k"]
     k5 = 5 if 5 in ks else ks[0]
     lines = [
