@@ -4,6 +4,7 @@ accurate squared distances of one block of queries x components."""
 from __future__ import annotations
 
 import math
+import warnings
 from typing import NamedTuple, Sequence
 
 import torch
@@ -197,3 +198,17 @@ def plan_blocks(b: int, n: int, cells: int, rows: int = 256) -> tuple[int, int]:
     nc = min(n, max(1, cells // min(b, rows)))
     bc = min(b, max(1, cells // nc))
     return bc, nc
+
+
+def warn_fallback(warned: set, what: str, device: torch.device, dtype: torch.dtype, cause: str, fallback: str, fix: str) -> None:
+    """One RuntimeWarning per device type and dtype when an optional backend cannot run."""
+    key = (device.type, str(dtype))
+    if key in warned:
+        return
+    warned.add(key)
+    warnings.warn(
+        f"vaepriors: {what} is unavailable on {device.type} for {dtype} because {cause}; "
+        f"falling back to {fallback}. {fix}",
+        RuntimeWarning,
+        stacklevel=5,
+    )

@@ -31,13 +31,12 @@ import math
 import os
 import subprocess
 import sys
-import warnings
 
 import torch
 from torch import Tensor
 
 from . import _chunked
-from ._core import NEAR, LogSumExp
+from ._core import LogSumExp, NEAR, warn_fallback
 
 # Tile sizes on a GPU (untuned: a GPU session tunes them with bench_engine.py), and under
 # the interpreter, where small tiles keep the tests fast.
@@ -135,15 +134,8 @@ def check(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
 def available(device: torch.device, dtype: torch.dtype, *, warn: bool) -> bool:
     """:func:`check`, warning once per device type and dtype when the backend is unusable."""
     ok, cause = check(device, dtype)
-    key = (device.type, str(dtype))
-    if not ok and warn and key not in _WARNED:
-        _WARNED.add(key)
-        warnings.warn(
-            f"vaepriors: the fused backend is unavailable on {device.type} for {dtype} because {cause}; "
-            f"falling back to the chunked backend. {FIX}",
-            RuntimeWarning,
-            stacklevel=4,
-        )
+    if not ok and warn:
+        warn_fallback(_WARNED, "the fused backend", device, dtype, cause, "the chunked backend", FIX)
     return ok
 
 

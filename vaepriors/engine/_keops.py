@@ -19,13 +19,12 @@ import json
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from ._core import LogSumExp
+from ._core import LogSumExp, warn_fallback
 
 # Output rows below which the GPU 2-D scheme is used (10-50x faster at B = 100..1000 on an
 # H100, anchors.md); the 1-D scheme needs tens of thousands of rows to fill a GPU.
@@ -141,15 +140,8 @@ def _check_with_disk_cache(device: str, dtype: str) -> tuple[bool, str]:
 def available(device: torch.device, dtype: torch.dtype, *, warn: bool) -> bool:
     """:func:`check`, warning once per device type and dtype when KeOps is unusable."""
     ok, cause = check(device, dtype)
-    key = (device.type, str(dtype))
-    if not ok and warn and key not in _WARNED:
-        _WARNED.add(key)
-        warnings.warn(
-            f"vaepriors: the KeOps backend is unavailable on {device.type} for {dtype} because {cause}; "
-            f"falling back to the torch backends. {FIX}",
-            RuntimeWarning,
-            stacklevel=4,
-        )
+    if not ok and warn:
+        warn_fallback(_WARNED, "the KeOps backend", device, dtype, cause, "the torch backends", FIX)
     return ok
 
 
