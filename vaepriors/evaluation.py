@@ -125,7 +125,10 @@ def _evaluating(roots: Sequence[nn.Module]) -> Iterator[None]:
             m.training = mode
 
 
-def _device_of(roots: Sequence[nn.Module]) -> torch.device | None:
+def _device_of(roots: Sequence[nn.Module], device: torch.device | str | None = None) -> torch.device | None:
+    """The caller's ``device`` if given, else the model's (its first tensor), else ``None``."""
+    if device is not None:
+        return torch.device(device)
     for root in roots:
         for t in (*root.parameters(), *root.buffers()):
             return t.device
@@ -304,7 +307,7 @@ def log_likelihood(
     n_samples = _checks.positive_int(n_samples, "n_samples")
     batch_size = _checks.positive_int(batch_size, "batch_size")
     parts = _parts(model)
-    dev = torch.device(device) if device is not None else _device_of(parts.roots)
+    dev = _device_of(parts.roots, device)
     budget = _budget(memory_budget, dev)
     batches, total = _batches(data, batch_size)
 
@@ -432,7 +435,7 @@ def active_units(
         raise VAEPriorsError(f"`threshold` must be a finite number >= 0, got {threshold!r}")
     batch_size = _checks.positive_int(batch_size, "batch_size")
     parts = _parts(model)
-    dev = torch.device(device) if device is not None else _device_of(parts.roots)
+    dev = _device_of(parts.roots, device)
     batches, _ = _batches(data, batch_size)
     count, mu, m2 = 0, None, None
     with _evaluating(parts.roots):
@@ -548,7 +551,7 @@ def knn_accuracy(
         raise VAEPriorsError(f"`k` must be at most the number of training points {n}, got {ks[-1]}")
     batch_size = _checks.positive_int(batch_size, "batch_size")
     parts = _parts(model)
-    dev = torch.device(device) if device is not None else _device_of(parts.roots)
+    dev = _device_of(parts.roots, device)
     budget = _budget(memory_budget, dev)
 
     with _evaluating(parts.roots):
@@ -765,7 +768,7 @@ def novelty_weights(
             raise VAEPriorsError(f"`k` must be at most the number of training points {n}, got {k}")
     batch_size = _checks.positive_int(batch_size, "batch_size")
     parts = _parts(model)
-    dev = torch.device(device) if device is not None else _device_of(parts.roots)
+    dev = _device_of(parts.roots, device)
     budget = _budget(memory_budget, dev)
     with _evaluating(parts.roots):
         means, log_var = _train_posteriors(parts, train_x, batch_size, dev)
@@ -847,7 +850,7 @@ def novelty_diagnostics(
     batch_size = _checks.positive_int(batch_size, "batch_size")
     parts = _parts(model)
     mean_fn = _decoder_mean_fn(parts, decoder_mean)
-    dev = torch.device(device) if device is not None else _device_of(parts.roots)
+    dev = _device_of(parts.roots, device)
     budget = _budget(memory_budget, dev)
     with _evaluating(parts.roots):
         means, log_var = _train_posteriors(parts, train_x, batch_size, dev)
@@ -917,7 +920,7 @@ def novelty_report(
         Bozkurt et al., "Can VAEs Generate Novel Examples?" (2018).
     """
     parts = _parts(model)
-    dev = torch.device(device) if device is not None else _device_of(parts.roots)
+    dev = _device_of(parts.roots, device)
     batch_size = _checks.positive_int(batch_size, "batch_size")
     if z is not None:
         source = "given"
