@@ -494,3 +494,113 @@ def test_partial_log_keeps_nan_visible():
     value = part.log()
     assert torch.isnan(value[0]) and value[1] == -math.inf
     assert torch.isclose(value[2], torch.tensor(1.0 + math.log(2.0)))
+
+
+# ----------------------------------------------------------------------------- TF32
+
+# Each case runs in a fresh interpreter: once a process has used torch's newer fp32_precision
+# API, reading the legacy flag raises, so the cases cannot share one.
+TF32_SETTINGS = {
+    "unset": "",
+    "legacy-precision": "torch.set_float32_matmul_precision('high')",
+    "legacy-flag": "torch.backends.cuda.matmul.allow_tf32 = True",
+    "new-api": "torch.backends.cuda.matmul.fp32_precision = 'tf32'",
+    "new-api-ieee": "torch.backends.cuda.matmul.fp32_precision = 'ieee'",
+}
+
+_TF32_SCRIPT = r"""
+import torch
+{setting}
+from vaepriors.engine import _core, knn, mixture_logsumexp
+_core.tf32_capable = lambda t: True  # take the CUDA path on CPU tensors
+
+flags = torch.backends.cuda.matmul
+def state():
+    try:
+        return "legacy", flags.allow_tf32
+    except RuntimeError:
+        return "new", flags.fp32_precision
+
+def exact():
+    api, value = state()
+    return value is False if api == "legacy" else value == "ieee"
+
+before = state()
+seen = []
+real_addmm, real_matmul = torch.addmm, torch.Tensor.__matmul__
+def addmm(*a, **k):
+    seen.append(exact())
+    return real_addmm(*a, **k)
+def matmul(x, y):
+    seen.append(exact())
+    return real_matmul(x, y)
+torch.addmm, torch.Tensor.__matmul__ = addmm, matmul
+
+z = torch.randn(7, 3, requires_grad=True)
+mu = torch.randn(9, 3, requires_grad=True)
+lv = torch.zeros(9, 3, requires_grad=True)
+for backend, budget in (("dense", None), ("chunked", 20)):
+    out = mixture_logsumexp(z, mu, lv, backend=backend, memory_budget=budget).log()
+    g = torch.autograd.grad(out.sum(), (z, mu, lv), create_graph=backend == "dense")
+    if backend == "dense":  # double backward
+        torch.autograd.grad(g[0].sum(), mu)
+knn(z.detach(), mu.detach(), 2, backend="chunked", memory_budget=20)
+with torch.no_grad():
+    mixture_logsumexp(z, mu, lv[:, 0], backend="dense")
+assert seen and all(seen), seen
+assert state() == before, (state(), before)
+print("IEEE_OK", len(seen))
+"""
+
+
+@pytest.mark.parametrize("setting", list(TF32_SETTINGS), ids=list(TF32_SETTINGS))
+def test_gemms_run_in_ieee_fp32_whatever_the_tf32_setting(setting):
+    """Every GEMM of the torch backends (forward, backward, double backward, kNN) runs with
+    TF32 off, through whichever of torch's APIs the caller used, and the caller's setting
+    is restored afterwards. On CPU the flags are only read; a GPU run checks the values."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    script = _TF32_SCRIPT.format(setting=TF32_SETTINGS[setting])
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0 and "IEEE_OK" in res.stdout, res.stderr[-2000:]
+
+
+def test_tf32_does_not_reach_the_values(device):
+    """On a GPU with TF32 switched on by the user, the engine stays exact to float32."""
+    if device.type != "cuda":
+        pytest.skip("TF32 is a CUDA setting")
+    gen = torch.Generator().manual_seed(1)
+    z, mu = torch.randn(300, 40, generator=gen), torch.randn(2000, 40, generator=gen)
+    lv = torch.tensor(math.log(0.05))
+    ref, scale = reference(z.double(), mu.double(), lv.double())
+    flags = torch.backends.cuda.matmul
+    saved = flags.allow_tf32
+    flags.allow_tf32 = True
+    try:
+        for backend, budget in TORCH:
+            zz, mm = leaves(z.to(device), mu.to(device))
+            value = mixture_logsumexp(zz, mm, lv.to(device), backend=backend, memory_budget=budget).log()
+            assert flags.allow_tf32
+            assert_values(value, ref, scale, 1e-5)
+            (gz,) = torch.autograd.grad(value.sum(), zz)
+            z64 = z.double().requires_grad_()
+            (rz,) = torch.autograd.grad(reference(z64, mu.double(), lv.double())[0].sum(), z64)
+            assert_grad(gz, rz, 1e-4)
+    finally:
+        flags.allow_tf32 = saved
+
+
+def test_ieee_matmul_gradients(monkeypatch):
+    """The CUDA path's GEMM (an autograd Function) differentiates right, twice."""
+    from vaepriors.engine import _core
+
+    monkeypatch.setattr(_core, "tf32_capable", lambda t: True)
+    z, means, log_var = make(3, 4, 2, "diagonal", torch.float64, torch.device("cpu"))
+    f = lambda z, m, v: mixture_logsumexp(z, m, v, backend="dense").log()  # noqa: E731
+    assert torch.autograd.gradcheck(f, leaves(z, means, log_var))
+    assert torch.autograd.gradgradcheck(f, leaves(z, means, log_var))

@@ -19,6 +19,7 @@ from ._core import (
     block_sq_dist,
     exclude_,
     exponents,
+    ieee_fp32,
     inverse_variance,
     pieces,
     plan_blocks,
@@ -130,70 +131,75 @@ class ChunkedLogSumExp(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):  # type: ignore[override]
-        z, means, log_var, a, ex, out = ctx.saved_tensors
-        need_z, need_m, need_v, need_a = ctx.needs_input_grad[:4]
-        st = _Setup(z, means, log_var)
-        b, n = z.shape[0], means.shape[0]
-        bc, nc = blocks(b, n, z.element_size(), ctx.budget, z.device, z.shape[1])
-        finite = torch.isfinite(out)
-        g = torch.where(finite, grad, torch.zeros_like(grad))
-        lse = torch.where(finite, out, torch.zeros_like(out))
-        gz = torch.zeros_like(z) if need_z else None
-        gm = torch.zeros_like(means) if need_m else None
-        ga = torch.zeros(n, dtype=z.dtype, device=z.device) if need_a else None
-        gv = torch.zeros(log_var.shape if st.diag else (n,), dtype=z.dtype, device=z.device) if need_v else None
-        for rows in _ranges(b, bc):
-            zraw, zr, zz = st.rows(rows)
-            for cols in _ranges(n, nc):
-                mraw, mc, inv, mm = st.cols(cols)
-                d2, near = block_sq_dist(zr, zz, mc, mm, inv, zraw, mraw, inplace=True)
-                p = exponents(d2, inv, a[cols])
-                if ex is not None:
-                    exclude_(p, ex[rows] - cols.start, -math.inf)
-                p = p.sub_(lse[rows, None]).exp_().mul_(g[rows, None])  # dL/d(exponent)
-                if ga is not None:
-                    ga[cols] += p.sum(0)
-                if gv is not None and not st.diag:
-                    gv[cols] += 0.5 * inv * (p * d2).sum(0)
-                del d2
-                if not (need_z or need_m or (need_v and st.diag)):
-                    continue
-                if not st.diag:
-                    p = p.mul_(inv)  # now dL/d(-|z - mu|^2 / 2) per pair
-                # Near pairs go through the difference form, the rest through GEMMs.
-                pn = p[near.i, near.j]
-                p[near.i, near.j] = 0
+        with ieee_fp32():  # its GEMMs, like the forward's, in IEEE float32
+            return _backward(ctx, grad)
+
+
+def _backward(ctx, grad):
+    z, means, log_var, a, ex, out = ctx.saved_tensors
+    need_z, need_m, need_v, need_a = ctx.needs_input_grad[:4]
+    st = _Setup(z, means, log_var)
+    b, n = z.shape[0], means.shape[0]
+    bc, nc = blocks(b, n, z.element_size(), ctx.budget, z.device, z.shape[1])
+    finite = torch.isfinite(out)
+    g = torch.where(finite, grad, torch.zeros_like(grad))
+    lse = torch.where(finite, out, torch.zeros_like(out))
+    gz = torch.zeros_like(z) if need_z else None
+    gm = torch.zeros_like(means) if need_m else None
+    ga = torch.zeros(n, dtype=z.dtype, device=z.device) if need_a else None
+    gv = torch.zeros(log_var.shape if st.diag else (n,), dtype=z.dtype, device=z.device) if need_v else None
+    for rows in _ranges(b, bc):
+        zraw, zr, zz = st.rows(rows)
+        for cols in _ranges(n, nc):
+            mraw, mc, inv, mm = st.cols(cols)
+            d2, near = block_sq_dist(zr, zz, mc, mm, inv, zraw, mraw, inplace=True)
+            p = exponents(d2, inv, a[cols])
+            if ex is not None:
+                exclude_(p, ex[rows] - cols.start, -math.inf)
+            p = p.sub_(lse[rows, None]).exp_().mul_(g[rows, None])  # dL/d(exponent)
+            if ga is not None:
+                ga[cols] += p.sum(0)
+            if gv is not None and not st.diag:
+                gv[cols] += 0.5 * inv * (p * d2).sum(0)
+            del d2
+            if not (need_z or need_m or (need_v and st.diag)):
+                continue
+            if not st.diag:
+                p = p.mul_(inv)  # now dL/d(-|z - mu|^2 / 2) per pair
+            # Near pairs go through the difference form, the rest through GEMMs.
+            pn = p[near.i, near.j]
+            p[near.i, near.j] = 0
+            if st.diag:
+                mi = mc * inv
+                col = p.sum(0)
+                pz = p.T @ zr
+                if gz is not None:
+                    gz[rows] += p @ mi - zr * (p @ inv)
+                if gm is not None:
+                    gm[cols] += inv * pz - mi * col[:, None]
+                if gv is not None:
+                    gv[cols] += 0.5 * inv * (p.T @ zr.square() - 2 * mc * pz + mc.square() * col[:, None])
+            else:
+                if gz is not None:
+                    gz[rows] += p @ mc - zr * p.sum(1, keepdim=True)
+                if gm is not None:
+                    gm[cols] += p.T @ zr - mc * p.sum(0)[:, None]
+            del p
+            step = pieces(pn.shape[0], z.shape[1], bc * nc).step
+            for s in range(0, pn.shape[0], step):
+                i, j, w = near.i[s : s + step], near.j[s : s + step], pn[s : s + step, None]
+                diff = zraw[i] - mraw[j]  # z - mu, from the raw inputs
                 if st.diag:
-                    mi = mc * inv
-                    col = p.sum(0)
-                    pz = p.T @ zr
-                    if gz is not None:
-                        gz[rows] += p @ mi - zr * (p @ inv)
-                    if gm is not None:
-                        gm[cols] += inv * pz - mi * col[:, None]
-                    if gv is not None:
-                        gv[cols] += 0.5 * inv * (p.T @ zr.square() - 2 * mc * pz + mc.square() * col[:, None])
-                else:
-                    if gz is not None:
-                        gz[rows] += p @ mc - zr * p.sum(1, keepdim=True)
-                    if gm is not None:
-                        gm[cols] += p.T @ zr - mc * p.sum(0)[:, None]
-                del p
-                step = pieces(pn.shape[0], z.shape[1], bc * nc).step
-                for s in range(0, pn.shape[0], step):
-                    i, j, w = near.i[s : s + step], near.j[s : s + step], pn[s : s + step, None]
-                    diff = zraw[i] - mraw[j]  # z - mu, from the raw inputs
-                    if st.diag:
-                        w = w * inv[j]
-                    if gz is not None:
-                        gz[rows].index_add_(0, i, -w * diff)
-                    if gm is not None:
-                        gm[cols].index_add_(0, j, w * diff)
-                    if gv is not None and st.diag:
-                        gv[cols].index_add_(0, j, 0.5 * w * diff.square())
-        if gv is not None and log_var.dim() == 0:
-            gv = gv.sum()
-        return gz, gm, gv, ga, None, None
+                    w = w * inv[j]
+                if gz is not None:
+                    gz[rows].index_add_(0, i, -w * diff)
+                if gm is not None:
+                    gm[cols].index_add_(0, j, w * diff)
+                if gv is not None and st.diag:
+                    gv[cols].index_add_(0, j, 0.5 * w * diff.square())
+    if gv is not None and log_var.dim() == 0:
+        gv = gv.sum()
+    return gz, gm, gv, ga, None, None
 
 
 def logsumexp(

@@ -3,9 +3,10 @@ accurate squared distances of one block of queries x components."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from typing import NamedTuple, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -103,6 +104,69 @@ def inverse_variance(log_var: Tensor) -> Tensor:
     return torch.exp(-log_var)
 
 
+@contextlib.contextmanager
+def ieee_fp32() -> Iterator[None]:
+    """Float32 GEMMs in IEEE precision inside the block, whatever the caller's TF32 setting.
+
+    With TF32 on (``torch.set_float32_matmul_precision("high")``, ``allow_tf32 = True`` or
+    ``fp32_precision = "tf32"``), cuBLAS rounds GEMM inputs to 10 mantissa bits, and the
+    cross term ``z . mu`` of a squared distance with it: errors of ~1e-3 relative, times
+    ``1 / sigma^2`` in the exponent. The engine's GEMMs run under this block. It sets the
+    flag through the API the caller used (torch refuses to mix the legacy and the newer
+    one) and restores it on exit. The flag is process-wide, as torch keeps it.
+    """
+    flags = torch.backends.cuda.matmul
+    try:
+        legacy = flags.allow_tf32  # raises once the newer fp32_precision API has been used
+    except RuntimeError:
+        legacy = None
+    if legacy is not None:
+        name, saved, exact = "allow_tf32", legacy, False
+    else:
+        name, saved, exact = "fp32_precision", flags.fp32_precision, "ieee"
+    if saved == exact:
+        yield
+        return
+    setattr(flags, name, exact)
+    try:
+        yield
+    finally:
+        setattr(flags, name, saved)
+
+
+class _IEEEMatmul(torch.autograd.Function):
+    """``a @ b`` under :func:`ieee_fp32`, its backward too (and twice differentiable)."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(a, b)
+        with ieee_fp32():
+            return a @ b
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:  # type: ignore[override]
+        a, b = ctx.saved_tensors
+        ga = _IEEEMatmul.apply(grad, b.mT) if ctx.needs_input_grad[0] else None
+        gb = _IEEEMatmul.apply(a.mT, grad) if ctx.needs_input_grad[1] else None
+        return ga, gb
+
+
+def tf32_capable(t: Tensor) -> bool:
+    """Whether a GEMM on ``t``'s device may run in TF32 (the flags govern cuBLAS only)."""
+    return t.device.type == "cuda"
+
+
+def addmm(bias: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0) -> Tensor:
+    """``bias + alpha * a @ b`` with the GEMM in IEEE float32 (:func:`ieee_fp32`), on CUDA
+    also in the backward that autograd runs later, outside any block of ours."""
+    if not tf32_capable(a):
+        return torch.addmm(bias, a, b, alpha=alpha)
+    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+        return torch.add(bias, _IEEEMatmul.apply(a, b), alpha=alpha)
+    with ieee_fp32():
+        return torch.addmm(bias, a, b, alpha=alpha)
+
+
 def block_sq_dist(
     zc: Tensor,
     zz: Tensor,
@@ -128,11 +192,11 @@ def block_sq_dist(
     ``inplace=True`` (no autograd) saves a temporary.
     """
     if inv.dim() == 2:
-        t = torch.addmm(mm.expand(zc.shape[0], -1), zz, inv.T)
-        d2 = torch.addmm(t, zc, (mc * inv).T, alpha=-2)
+        t = addmm(mm.expand(zc.shape[0], -1), zz, inv.T)
+        d2 = addmm(t, zc, (mc * inv).T, alpha=-2)
     else:
         t = zz[:, None] + mm
-        d2 = torch.addmm(t, zc, mc.T, alpha=-2)
+        d2 = addmm(t, zc, mc.T, alpha=-2)
     with torch.no_grad():
         # u > 0 marks near pairs; rows are screened with a cheap max before any nonzero()
         u = t.mul_(NEAR).sub_(d2) if inplace else t.detach() * NEAR - d2.detach()

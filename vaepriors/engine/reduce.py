@@ -18,7 +18,8 @@ Backends (the ``backend`` argument; all give the same numbers to float rounding)
 Precision: the bulk of the squared distances comes from one GEMM on centred data; pairs
 where that expansion cancels (a query within ~1/3 of its norm of a mean) are recomputed
 from the difference ``z - mu`` of the raw inputs, so float32 results stay within ~1e-6
-(relative) of float64 even for near-coincident points and tiny variances.
+(relative) of float64 even for near-coincident points and tiny variances. The engine's
+GEMMs run in IEEE float32 even where the caller enabled TF32 (``_core.ieee_fp32``).
 """
 
 from __future__ import annotations
