@@ -238,8 +238,32 @@ def test_auto_picks_fused_only_when_measured_and_isotropic(monkeypatch):
 
 def test_memory_estimate_has_no_b_by_n_term():
     cpu = torch.device("cpu")
-    small = _fused.memory(10_000, 60_000, 40, 4, 1 << 20, cpu, True)
-    assert small < 2**20 and _fused.memory(20_000, 120_000, 40, 4, 1 << 20, cpu, True) < 2 * small + 1
+    for b, n in ((10_000, 60_000), (100, 1_000_000), (50_000, 500)):
+        est = _fused.memory(b, n, 40, 4, 1 << 20, cpu, True)
+        assert est < b * n * 4 / 20, (b, n, est)  # far below one B x N float32 matrix
+        assert _fused.memory(2 * b, 2 * n, 40, 4, 1 << 20, cpu, True) <= 2 * est + 1
+
+
+@pytest.mark.parametrize("programs", [1, 2, 7, 1000])
+def test_split_launches_combine_exactly(dev, programs, monkeypatch):
+    """Kernels split the dimension they loop over into parts (to fill a GPU at small B);
+    any number of parts gives the same values and gradients."""
+    monkeypatch.setattr(_fused, "PROGRAMS_INTERPRET", programs)
+    monkeypatch.setattr(_fused, "PROGRAMS_PER_SM", max(1, programs // 100))
+    _fused._device_programs.cache_clear()
+    try:
+        ins, ex = inputs(dev, "per_component")
+        compare(ins, ex, torch.float32, *TOL[torch.float32])
+    finally:
+        _fused._device_programs.cache_clear()
+
+
+@pytest.mark.parametrize("outer,tile,inner,step,programs", [(37, 16, 53, 16, 6), (100, 64, 10**6, 64, 528), (10**4, 64, 6 * 10**4, 64, 528), (5, 16, 3, 16, 100)])
+def test_split_covers_the_loop_once(outer, tile, inner, step, programs):
+    tiles, parts, chunk = _fused._split(outer, tile, inner, step, programs)
+    assert tiles * tile >= outer > (tiles - 1) * tile
+    assert chunk % step == 0 and parts * chunk >= inner > (parts - 1) * chunk  # no empty part
+    assert parts == 1 or tiles * (parts - 1) < programs
 
 
 def test_triton_is_not_imported_unless_the_fused_kernels_run(tmp_path):
@@ -262,3 +286,32 @@ def test_triton_is_not_imported_unless_the_fused_kernels_run(tmp_path):
     env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+_COMPILE = r"""
+import torch
+from vaepriors.engine import _fused
+for name in ("fwd", "bwd_rows", "bwd_cols"):
+    for dtype in (torch.float32, torch.float64):
+        for d in (5, 40):
+            kernel = _fused.compile_for(name, 90, dtype, d=d)
+            assert kernel.asm["cubin"] and kernel.metadata.shared <= 227 * 1024, (name, dtype, d)
+print("COMPILED")
+"""
+
+
+def test_kernels_compile_for_hopper():
+    """The kernels, in their GPU launch configuration, compile to sm_90 machine code with
+    Triton's ptxas (no GPU needed): what the interpreter never checks (tl.dot shapes, types,
+    shared memory)."""
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("triton.backends.nvidia") is None:
+        pytest.skip("Triton has no NVIDIA backend here")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    res = subprocess.run([sys.executable, "-c", _COMPILE], capture_output=True, text=True, env=env, timeout=900)
+    assert res.returncode == 0 and "COMPILED" in res.stdout, res.stderr[-3000:]

@@ -16,6 +16,13 @@ instead of atomics: every output is written by one program, so the gradients are
 deterministic and need no zero-initialised float atomics, at the price of computing the
 exponentials twice (FlashAttention-2 makes the opposite choice; a GPU session may compare).
 
+Each kernel tiles one dimension and loops over the other; where the tiles alone are too
+few to fill the GPU (B = 100 queries are two tiles of 64), the loop is split into parts run
+by separate programs, whose partial results (max and sum, or gradient sums) are combined on
+the host: O((B + N) d) extra memory, never B x N. Launch configurations are per kernel
+(:data:`CONFIG`); :func:`compile_for` compiles a kernel for a GPU without one, which the
+tests use and ``benchmarks/tune_fused.py --static`` reports registers and spills from.
+
 Triton is imported only when this backend runs. On CUDA it is checked once per process in
 a child process (a compile failure cannot take the caller down); on CPU it runs only under
 Triton's interpreter (``TRITON_INTERPRET=1``, for tests). Where it cannot run,
@@ -36,12 +43,24 @@ import torch
 from torch import Tensor
 
 from . import _chunked
-from ._core import LogSumExp, NEAR, warn_fallback
+from ._core import NEAR, LogSumExp, safe_shift, warn_fallback
 
-# Tile sizes on a GPU (untuned: a GPU session tunes them with bench_engine.py), and under
-# the interpreter, where small tiles keep the tests fast.
-BLOCK_M, BLOCK_N = 64, 64
+# Launch configuration of each kernel on a GPU: (BLOCK_M queries, BLOCK_N components,
+# num_warps, num_stages). Not yet timed on a GPU (benchmarks/tune_fused.py does that); until
+# then, configurations that compile for sm_90 without register spills (tune_fused.py
+# --static; the backward kernels at 64 x 64 spill about 1 KB per thread).
+CONFIG = {
+    "fwd": (64, 64, 8, 3),
+    "bwd_rows": (32, 32, 4, 2),
+    "bwd_cols": (32, 32, 4, 2),
+}
+# Tiles under the interpreter, where small tiles keep the tests fast.
 BLOCK_INTERPRET = 16
+# Programs a launch aims for per streaming multiprocessor (GPU), and in all under the
+# interpreter: kernels split the dimension they loop over into that many parts where the
+# one they tile is too short to fill the GPU (B = 100 is two query tiles).
+PROGRAMS_PER_SM = 4
+PROGRAMS_INTERPRET = 6
 # Precision of the tl.dot cross term on a GPU: "ieee" (fp32 FMA, exact) or "tf32x3" (three
 # TF32 passes on tensor cores, about fp32 accuracy, several times faster). The interpreter
 # and float64 always use "ieee".
@@ -145,8 +164,28 @@ def usable_shape(d: int, isotropic: bool) -> bool:
 
 
 def memory(b: int, n: int, d: int, elem: int, budget: int, device: torch.device, grad: bool = False) -> int:
-    """Estimated peak bytes: a few numbers per query and per component, nothing B x N."""
-    return (4 * b + 3 * n + d) * elem
+    """Estimated peak bytes: a few numbers per query and per component, and the partial
+    results of the parts a launch is split into (see :meth:`_Launch.splits`): O((B + N) d),
+    nothing B x N."""
+    programs = _programs(device) if device.type == "cuda" else PROGRAMS_PER_SM * 132  # an H100's 132 SMs
+    partial = [_split(b, CONFIG["fwd"][0], n, CONFIG["fwd"][1], programs)[1] * b * 2]
+    if grad:  # one part writes the gradient itself (not counted: the caller gets it)
+        parts = _split(b, CONFIG["bwd_rows"][0], n, CONFIG["bwd_rows"][1], programs)[1]
+        partial.append((parts > 1) * parts * b * d)
+        parts = _split(n, CONFIG["bwd_cols"][1], b, CONFIG["bwd_cols"][0], programs)[1]
+        partial.append((parts > 1) * parts * n * (d + 2))
+    return (4 * b + 3 * n + d + max(partial)) * elem
+
+
+def _split(outer: int, tile: int, inner: int, step: int, programs: int) -> tuple[int, int, int]:
+    """``(tiles, parts, chunk)``: ``outer`` cut into tiles, ``inner`` (looped over in steps)
+    into parts of ``chunk`` elements, a whole number of steps each, so that tiles x parts
+    reaches about ``programs`` where the tiles alone do not."""
+    tiles = -(-outer // tile)
+    steps = max(1, -(-inner // step))
+    want = max(1, min(steps, -(-programs // max(tiles, 1))))
+    per = -(-steps // want)
+    return tiles, -(-steps // per), per * step
 
 
 @functools.lru_cache(maxsize=1)
@@ -202,15 +241,18 @@ def _define(triton, tl):
     globals().update(_sq_dist=_sq_dist, _load_rows=_load_rows, _load_cols=_load_cols)
 
     @triton.jit
-    def _fwd(Z, M, C, INV, A, EX, OUT_M, OUT_S, B, N, D, near_frac,
+    def _fwd(Z, M, C, INV, A, EX, OUT_M, OUT_S, B, N, D, near_frac, CHUNK,
              BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr, PREC: tl.constexpr):
+        # Program (i, k): query tile i against components [k CHUNK, (k + 1) CHUNK); its
+        # partial (max, sum) goes to row k of the outputs, combined on the host.
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        lo = tl.program_id(1) * CHUNK
         ks = tl.arange(0, DP)
         zc, zz, rmask = _load_rows(Z, C, rows, ks, B, D)
         ex = tl.load(EX + rows, mask=rmask, other=-1)
         m_i = tl.full([BM], float("-inf"), zc.dtype)
         s_i = tl.zeros([BM], zc.dtype)
-        for start in range(0, N, BN):
+        for start in range(lo, tl.minimum(lo + CHUNK, N), BN):
             cols = start + tl.arange(0, BN)
             mc, mm, inv, a, cmask = _load_cols(M, C, INV, A, cols, ks, N, D)
             keep = cmask[None, :] & (cols[None, :] != ex[:, None]) & rmask[:, None]
@@ -220,21 +262,23 @@ def _define(triton, tl):
             shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # empty rows: exp(-inf) = 0
             s_i = s_i * tl.exp(m_i - shift) + tl.sum(tl.exp(arg - shift[:, None]), 1)
             m_i = m_new
-        tl.store(OUT_M + rows, m_i, mask=rmask)
-        tl.store(OUT_S + rows, s_i, mask=rmask)
+        tl.store(OUT_M + tl.program_id(1) * B + rows, m_i, mask=rmask)
+        tl.store(OUT_S + tl.program_id(1) * B + rows, s_i, mask=rmask)
 
     @triton.jit
-    def _bwd_rows(Z, M, C, INV, A, EX, LSE, G, GZ, B, N, D, near_frac,
+    def _bwd_rows(Z, M, C, INV, A, EX, LSE, G, GZ, B, N, D, near_frac, CHUNK,
                   BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr, PREC: tl.constexpr):
-        # dL/dz_i = sum_j P_ij g_i inv_j (mu_j - z_i), over component tiles.
+        # dL/dz_i = sum_j P_ij g_i inv_j (mu_j - z_i), over the component tiles of chunk k
+        # (program (i, k)); the chunks' partial gradients are summed on the host.
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        lo = tl.program_id(1) * CHUNK
         ks = tl.arange(0, DP)
         zc, zz, rmask = _load_rows(Z, C, rows, ks, B, D)
         ex = tl.load(EX + rows, mask=rmask, other=-1)
         lse = tl.load(LSE + rows, mask=rmask, other=0.0)
         g = tl.load(G + rows, mask=rmask, other=0.0)
         acc = tl.zeros([BM, DP], zc.dtype)
-        for start in range(0, N, BN):
+        for start in range(lo, tl.minimum(lo + CHUNK, N), BN):
             cols = start + tl.arange(0, BN)
             mc, mm, inv, a, cmask = _load_cols(M, C, INV, A, cols, ks, N, D)
             keep = cmask[None, :] & (cols[None, :] != ex[:, None]) & rmask[:, None]
@@ -250,20 +294,23 @@ def _define(triton, tl):
                     mk = tl.load(M + cols * D + k, mask=cmask, other=0.0)
                     colk = tl.sum(wn * (mk[None, :] - zk[:, None]), 1)
                     acc += tl.where(ks[None, :] == k, colk[:, None], 0.0)
-        tl.store(GZ + rows[:, None] * D + ks[None, :], acc, mask=rmask[:, None] & (ks[None, :] < D))
+        out = GZ + tl.program_id(1) * B * D
+        tl.store(out + rows[:, None] * D + ks[None, :], acc, mask=rmask[:, None] & (ks[None, :] < D))
 
     @triton.jit
-    def _bwd_cols(Z, M, C, INV, A, EX, LSE, G, GM, GV, GA, B, N, D, near_frac,
+    def _bwd_cols(Z, M, C, INV, A, EX, LSE, G, GM, GV, GA, B, N, D, near_frac, CHUNK,
                   BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr, PREC: tl.constexpr):
-        # Over query tiles: dL/da_j = sum_i P_ij g_i, dL/dlog_var_j = inv_j / 2 sum_i P_ij g_i d2_ij,
-        # dL/dmu_j = sum_i P_ij g_i inv_j (z_i - mu_j).
+        # Over the query tiles of chunk k (program (j, k)): dL/da_j = sum_i P_ij g_i,
+        # dL/dlog_var_j = inv_j / 2 sum_i P_ij g_i d2_ij, dL/dmu_j = sum_i P_ij g_i inv_j (z_i - mu_j);
+        # the chunks' partial sums are added on the host.
         cols = tl.program_id(0) * BN + tl.arange(0, BN)
+        lo = tl.program_id(1) * CHUNK
         ks = tl.arange(0, DP)
         mc, mm, inv, a, cmask = _load_cols(M, C, INV, A, cols, ks, N, D)
         ga = tl.zeros([BN], mc.dtype)
         gv = tl.zeros([BN], mc.dtype)
         acc = tl.zeros([BN, DP], mc.dtype)
-        for start in range(0, B, BM):
+        for start in range(lo, tl.minimum(lo + CHUNK, B), BM):
             rows = start + tl.arange(0, BM)
             zc, zz, rmask = _load_rows(Z, C, rows, ks, B, D)
             ex = tl.load(EX + rows, mask=rmask, other=-1)
@@ -285,18 +332,56 @@ def _define(triton, tl):
                     mk = tl.load(M + cols * D + k, mask=cmask, other=0.0)
                     colk = tl.sum(wn * (zk[:, None] - mk[None, :]), 0)
                     acc += tl.where(ks[None, :] == k, colk[:, None], 0.0)
-        tl.store(GM + cols[:, None] * D + ks[None, :], acc, mask=cmask[:, None] & (ks[None, :] < D))
-        tl.store(GA + cols, ga, mask=cmask)
-        tl.store(GV + cols, 0.5 * inv * gv, mask=cmask)
+        part = tl.program_id(1)
+        tl.store(GM + part * N * D + cols[:, None] * D + ks[None, :], acc, mask=cmask[:, None] & (ks[None, :] < D))
+        tl.store(GA + part * N + cols, ga, mask=cmask)
+        tl.store(GV + part * N + cols, 0.5 * inv * gv, mask=cmask)
 
     return triton, _fwd, _bwd_rows, _bwd_cols
+
+
+# Kinds of each kernel's own outputs and inputs (pointers to the float dtype), between the
+# six shared leading arguments (z, means, centre, inverse variances, constants, exclusions)
+# and the shared trailing ones (B, N, D, near_frac, CHUNK).
+_ARGS = {"fwd": 2, "bwd_rows": 3, "bwd_cols": 5}
+_TRAILING = ("i32", "i32", "i32", "fp32", "i32")
+
+
+def compile_for(
+    name: str,
+    capability: int = 90,
+    dtype: torch.dtype = torch.float32,
+    d: int = 40,
+    config: tuple[int, int, int, int] | None = None,
+):
+    """Compiles kernel ``name`` (``"fwd"``, ``"bwd_rows"`` or ``"bwd_cols"``) to machine
+    code for an NVIDIA GPU of compute ``capability`` (90: H100) without a GPU, through
+    Triton's own ``ptxas``; ``config`` is ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``
+    (default :data:`CONFIG`). Returns Triton's compiled kernel (``.asm["cubin"]``,
+    ``.metadata.shared``). This catches what the interpreter never checks (tile shapes
+    ``tl.dot`` rejects, types, shared memory) and reports registers and spills.
+    """
+    if _interpret():
+        raise RuntimeError("compile_for needs TRITON_INTERPRET unset (the kernels are jitted for the interpreter)")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel = dict(zip(("fwd", "bwd_rows", "bwd_cols"), _kernels()[1:]))[name]
+    bm, bn, warps, stages = config or CONFIG[name]
+    ptr = "*fp64" if dtype == torch.float64 else "*fp32"
+    kinds = [ptr] * 5 + ["*i64"] + [ptr] * _ARGS[name] + list(_TRAILING)
+    meta = dict(BM=bm, BN=bn, DP=max(16, triton.next_power_of_2(d)), PREC="ieee" if dtype == torch.float64 else PRECISION)
+    names = kernel.arg_names
+    signature = dict(zip(names, kinds + ["constexpr"] * len(meta)))
+    source = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in meta.items()})
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=dict(num_warps=warps, num_stages=stages))
 
 
 class _Launch:
     """Everything the kernels of one call take besides the per-pass buffers."""
 
     def __init__(self, z: Tensor, means: Tensor, log_var: Tensor, a: Tensor, ex: Tensor | None) -> None:
-        interpret = _interpret()
         self.triton, self.fwd, self.bwd_rows, self.bwd_cols = _kernels()
         b, n = z.shape[0], means.shape[0]
         self.b, self.n, self.d = b, n, z.shape[1]
@@ -305,16 +390,48 @@ class _Launch:
         self.inv = torch.exp(-log_var).expand(n).contiguous()
         self.a = a.expand(n).contiguous()
         self.ex = ex.contiguous() if ex is not None else torch.full((b,), -1, dtype=torch.long, device=z.device)
-        bm = bn = BLOCK_INTERPRET if interpret else None
-        self.bm, self.bn = bm or BLOCK_M, bn or BLOCK_N
+        self.interpret = _interpret()
         self.dp = max(16, self.triton.next_power_of_2(self.d))
-        self.prec = "ieee" if interpret or z.dtype == torch.float64 else PRECISION
+        self.prec = "ieee" if self.interpret or z.dtype == torch.float64 else PRECISION
+        self.programs = _programs(z.device)
 
-    def args(self) -> tuple:
-        return (self.z, self.means, self.c, self.inv, self.a, self.ex)
+    def config(self, name: str) -> tuple[int, int, int, int]:
+        return (BLOCK_INTERPRET, BLOCK_INTERPRET, 4, 1) if self.interpret else CONFIG[name]
 
-    def meta(self) -> dict:
-        return dict(BM=self.bm, BN=self.bn, DP=self.dp, PREC=self.prec)
+    def splits(self, name: str) -> tuple[int, int, int]:
+        """``(tiles, parts, chunk)`` of kernel ``name``: its grid is ``tiles`` programs along
+        the dimension it tiles, times ``parts`` along the one it loops over, each covering
+        ``chunk`` elements of that loop (a whole number of its tiles): enough programs to
+        fill the GPU also when B (or N, for ``bwd_cols``) is small."""
+        bm, bn = self.config(name)[:2]
+        if name == "bwd_cols":
+            return _split(self.n, bn, self.b, bm, self.programs)
+        return _split(self.b, bm, self.n, bn, self.programs)
+
+    def launch(self, name: str, *rest) -> int:
+        """Runs kernel ``name`` (its outputs, sized by :meth:`splits`, lead ``rest``);
+        returns the number of parts."""
+        bm, bn, warps, stages = self.config(name)
+        tiles, parts, chunk = self.splits(name)
+        kernel = getattr(self, name)
+        kernel[(tiles, parts)](
+            self.z, self.means, self.c, self.inv, self.a, self.ex, *rest, self.b, self.n, self.d, NEAR, chunk,
+            BM=bm, BN=bn, DP=self.dp, PREC=self.prec, num_warps=warps, num_stages=stages,
+        )
+        return parts
+
+
+@functools.lru_cache(maxsize=None)
+def _device_programs(index: int) -> int:
+    return PROGRAMS_PER_SM * torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _programs(device: torch.device) -> int:
+    """Programs a launch aims for: a few per streaming multiprocessor on a GPU; under the
+    interpreter a small number, so that the tests' small shapes are split too."""
+    if device.type != "cuda":
+        return PROGRAMS_INTERPRET
+    return _device_programs(device.index if device.index is not None else torch.cuda.current_device())
 
 
 class FusedLogSumExp(torch.autograd.Function):
@@ -328,11 +445,15 @@ class FusedLogSumExp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, means, log_var, a, ex):  # type: ignore[override]
         k = _Launch(z, means, log_var, a, ex)
-        m = torch.empty(k.b, dtype=z.dtype, device=z.device)
-        s = torch.empty_like(m)
-        if k.b:  # a CUDA launch needs a non-empty grid
-            k.fwd[(k.triton.cdiv(k.b, k.bm),)](*k.args(), m, s, k.b, k.n, k.d, NEAR, **k.meta())
-        out = LogSumExp(m, s).log()
+        if k.b == 0:  # a CUDA launch needs a non-empty grid
+            out = z.new_empty(0)
+        else:
+            parts = k.splits("fwd")[1]
+            m = z.new_empty(parts, k.b)
+            s = torch.empty_like(m)
+            k.launch("fwd", m, s)
+            top = m.amax(0)
+            out = LogSumExp(top, (s * torch.exp(m - safe_shift(top))).sum(0)).log()
         ctx.save_for_backward(z, means, log_var, a, ex, out)
         return out
 
@@ -347,18 +468,19 @@ class FusedLogSumExp(torch.autograd.Function):
         lse = torch.where(finite, out, torch.zeros_like(out)).contiguous()
         gz = gm = gv = ga = None
         if need_z:
-            gz = torch.empty_like(k.z)
+            gz = torch.zeros_like(k.z)
             if k.b:
-                k.bwd_rows[(k.triton.cdiv(k.b, k.bm),)](
-                    *k.args(), lse, g, gz, k.b, k.n, k.d, NEAR, **k.meta()
-                )
+                parts = k.splits("bwd_rows")[1]
+                gz = z.new_empty(parts, k.b, k.d)
+                k.launch("bwd_rows", lse, g, gz)
+                gz = gz[0] if parts == 1 else gz.sum(0)
         if need_m or need_v or need_a:
-            gm = torch.empty_like(k.means)
-            gv = torch.empty(k.n, dtype=z.dtype, device=z.device)
+            parts = k.splits("bwd_cols")[1]
+            gm = z.new_empty(parts, k.n, k.d)
+            gv = z.new_empty(parts, k.n)
             ga = torch.empty_like(gv)
-            k.bwd_cols[(k.triton.cdiv(k.n, k.bn),)](
-                *k.args(), lse, g, gm, gv, ga, k.b, k.n, k.d, NEAR, **k.meta()
-            )
+            k.launch("bwd_cols", lse, g, gm, gv, ga)
+            gm, gv, ga = (t[0] if parts == 1 else t.sum(0) for t in (gm, gv, ga))
             if log_var.dim() == 0:
                 gv = gv.sum()
             gm, gv, ga = (t if need else None for t, need in ((gm, need_m), (gv, need_v), (ga, need_a)))
