@@ -604,3 +604,54 @@ def test_ieee_matmul_gradients(monkeypatch):
     f = lambda z, m, v: mixture_logsumexp(z, m, v, backend="dense").log()  # noqa: E731
     assert torch.autograd.gradcheck(f, leaves(z, means, log_var))
     assert torch.autograd.gradgradcheck(f, leaves(z, means, log_var))
+
+
+# ----------------------------------------------------------------------------- edge inputs
+
+
+@pytest.mark.parametrize("backend,budget", TORCH, ids=TORCH_IDS)
+def test_log_variances_beyond_float32_range(backend, budget):
+    """exp(-log_var) overflows float32 below about -88.7: no NaN, and the float64 values."""
+    gen = torch.Generator().manual_seed(0)
+    z, mu = torch.randn(3, 2, generator=gen, dtype=torch.float64), torch.randn(4, 2, generator=gen, dtype=torch.float64)
+    lv = torch.zeros(4, 2, dtype=torch.float64)
+    lv[1, 0] = -90.0  # one dimension of one component sharper than float32 can scale
+    mu[1, 0] = 5.0  # far enough from the centre that its expansion overflows (inf - inf)
+    cases = [(z, mu, lv), (mu[:1], mu, torch.tensor(-89.0, dtype=torch.float64))]  # a query on a mean
+    for zz, mm, vv in cases:
+        ref = mixture_log_prob(zz, mm, vv, backend="dense")
+        out = mixture_log_prob(zz.float(), mm.float(), vv.float(), backend=backend, memory_budget=budget)
+        assert torch.isfinite(out).all() and torch.allclose(out.double(), ref, rtol=1e-5), (out, ref)
+        inputs = [t.float().requires_grad_() for t in (zz, mm, vv)]
+        grads = torch.autograd.grad(mixture_log_prob(*inputs, backend=backend, memory_budget=budget).sum(), inputs)
+        assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_half_precision_sum_over_many_components():
+    """float16 tops out at 65504: the partial of 70000 near-equal terms must not hold the sum."""
+    gen = torch.Generator().manual_seed(0)
+    mu = torch.randn(70_000, 2, generator=gen) * 0.01
+    z, lv = torch.zeros(3, 2), torch.tensor(4.0)
+    ref = mixture_log_prob(z.double(), mu.double(), lv.double())
+    for dt in (torch.float16, torch.bfloat16):
+        part = mixture_logsumexp(z.to(dt), mu.to(dt), lv.to(dt))
+        assert part.max.dtype == dt and torch.isfinite(part.sum).all()
+        out = mixture_log_prob(z.to(dt), mu.to(dt), lv.to(dt))
+        assert torch.allclose(out.double(), ref, rtol=2e-2), (dt, out, ref)
+
+
+@pytest.mark.parametrize("backend", ["dense", "chunked", "auto"])
+def test_empty_batch(backend):
+    mu = torch.randn(5, 3)
+    assert mixture_log_prob(torch.empty(0, 3), mu, 0.0, backend=backend).shape == (0,)
+    assert mixture_log_prob(torch.empty(2, 0, 3), mu, 0.0, exclude=torch.empty(2, 0, dtype=torch.long), backend=backend).shape == (2, 0)
+    d2, idx = knn(torch.empty(0, 3), mu, 2, backend=backend)
+    assert d2.shape == idx.shape == (0, 2)
+
+
+def test_excluding_the_only_component_is_an_error():
+    z, mu = torch.randn(2, 3), torch.randn(1, 3)
+    with pytest.raises(VAEPriorsError, match="exclude"):
+        mixture_log_prob(z, mu, 0.0, exclude=torch.tensor([0, -1]))
+    ref = -0.5 * (z - mu).square().sum(-1) - 1.5 * math.log(2 * math.pi)
+    torch.testing.assert_close(mixture_log_prob(z, mu, 0.0, exclude=torch.tensor([-1, -1])), ref)

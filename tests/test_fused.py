@@ -238,10 +238,14 @@ def test_auto_picks_fused_only_when_measured_and_isotropic(monkeypatch):
 
 def test_memory_estimate_has_no_b_by_n_term():
     cpu = torch.device("cpu")
+    d, programs = 40, _fused.PROGRAMS_PER_SM * 132
+    tile = max(max(c[:2]) for c in _fused.CONFIG.values())
     for b, n in ((10_000, 60_000), (100, 1_000_000), (50_000, 500)):
-        est = _fused.memory(b, n, 40, 4, 1 << 20, cpu, True)
-        assert est < b * n * 4 / 20, (b, n, est)  # far below one B x N float32 matrix
-        assert _fused.memory(2 * b, 2 * n, 40, 4, 1 << 20, cpu, True) <= 2 * est + 1
+        est = _fused.memory(b, n, d, 4, 1 << 20, cpu, True)
+        # O((B + N) d), plus the parts' partial results: at most a tile per program
+        assert est <= 4 * 4 * ((b + n) * (d + 2) + programs * tile * (d + 2)), (b, n, est)
+        assert est < b * n * 4 / 4  # below one B x N float32 matrix
+        assert _fused.memory(2 * b, 2 * n, d, 4, 1 << 20, cpu, True) <= 2 * est + 1
 
 
 @pytest.mark.parametrize("programs", [1, 2, 7, 1000])

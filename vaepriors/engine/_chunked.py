@@ -19,6 +19,7 @@ from ._core import (
     block_sq_dist,
     exclude_,
     exponents,
+    gemm_inverse_variance,
     ieee_fp32,
     inverse_variance,
     pieces,
@@ -86,6 +87,7 @@ class _Setup:
 
 
 def _ranges(total: int, step: int) -> list[slice]:
+    step = max(step, 1)  # an empty batch plans blocks of 0 rows
     return [slice(s, min(s + step, total)) for s in range(0, total, step)]
 
 
@@ -170,15 +172,16 @@ def _backward(ctx, grad):
             pn = p[near.i, near.j]
             p[near.i, near.j] = 0
             if st.diag:
-                mi = mc * inv
+                gi = gemm_inverse_variance(inv)  # = inv, but where every pair is near (p = 0)
+                mi = mc * gi
                 col = p.sum(0)
                 pz = p.T @ zr
                 if gz is not None:
-                    gz[rows] += p @ mi - zr * (p @ inv)
+                    gz[rows] += p @ mi - zr * (p @ gi)
                 if gm is not None:
-                    gm[cols] += inv * pz - mi * col[:, None]
+                    gm[cols] += gi * pz - mi * col[:, None]
                 if gv is not None:
-                    gv[cols] += 0.5 * inv * (p.T @ zr.square() - 2 * mc * pz + mc.square() * col[:, None])
+                    gv[cols] += 0.5 * gi * (p.T @ zr.square() - 2 * mc * pz + mc.square() * col[:, None])
             else:
                 if gz is not None:
                     gz[rows] += p @ mc - zr * p.sum(1, keepdim=True)
@@ -215,7 +218,8 @@ def knn(
     st = _Setup(queries, points, torch.zeros((), dtype=queries.dtype, device=queries.device))
     b, n = queries.shape[0], points.shape[0]
     bc, nc = blocks(b, n, queries.element_size(), memory_budget, queries.device, queries.shape[1])
-    vals, idxs = [], []
+    vals = [queries.new_empty(0, k)]  # an empty batch gives [0, k]
+    idxs = [torch.empty(0, k, dtype=torch.long, device=queries.device)]
     for rows in _ranges(b, bc):
         zr, zc, zz = st.rows(rows)
         best_v = best_i = None

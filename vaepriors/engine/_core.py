@@ -100,8 +100,11 @@ def pieces(count: int, d: int, cells: int) -> range:
 
 
 def inverse_variance(log_var: Tensor) -> Tensor:
-    """``exp(-log_var)`` (0-d, [N] or [N, d])."""
-    return torch.exp(-log_var)
+    """``exp(-log_var)`` (0-d, [N] or [N, d]), at most the dtype's largest finite value / e:
+    a log-variance below about -88.7 would give ``inf`` in float32, and ``inf * 0`` NaN
+    for a query on its mean."""
+    floor = 1.0 - math.log(torch.finfo(log_var.dtype).max)  # clamped before exp: no inf * 0 in its gradient
+    return torch.exp(-log_var.clamp(min=floor))
 
 
 @contextlib.contextmanager
@@ -192,8 +195,9 @@ def block_sq_dist(
     ``inplace=True`` (no autograd) saves a temporary.
     """
     if inv.dim() == 2:
-        t = addmm(mm.expand(zc.shape[0], -1), zz, inv.T)
-        d2 = addmm(t, zc, (mc * inv).T, alpha=-2)
+        g = gemm_inverse_variance(inv)
+        t = addmm(mm.expand(zc.shape[0], -1), zz, g.T)
+        d2 = addmm(t, zc, (mc * g).T, alpha=-2)
     else:
         t = zz[:, None] + mm
         d2 = addmm(t, zc, mc.T, alpha=-2)
@@ -201,6 +205,9 @@ def block_sq_dist(
         # u > 0 marks near pairs; rows are screened with a cheap max before any nonzero()
         u = t.mul_(NEAR).sub_(d2) if inplace else t.detach() * NEAR - d2.detach()
         del t
+        # An expansion that overflowed (huge inverse variances) gives inf - inf: such pairs
+        # take the difference form too.
+        u = torch.nan_to_num_(u, nan=1.0, posinf=math.inf, neginf=-math.inf)
         rows = torch.nonzero(u.amax(1) > 0).view(-1) if u.numel() else u.new_zeros(0, dtype=torch.long)
         if rows.numel() == 0:
             empty = rows.new_zeros(0)
@@ -246,10 +253,21 @@ def exclude(arg: Tensor, local: Tensor, value: float) -> Tensor:
     return arg.scatter(1, col, torch.where(valid[:, None], torch.full_like(cur, value), cur))
 
 
+def gemm_inverse_variance(inv: Tensor) -> Tensor:
+    """Diagonal inverse variances as the GEMMs see them: at most ``finfo.max ** 0.25``
+    (1.4e9 in float32), so that ``mu * inv`` and ``mu^2 * inv`` stay finite, forward and
+    backward. Components sharper than that go wholly through the difference form
+    (:func:`sq_norms` gives them ``mm = inf``), which uses the true ``inv``."""
+    return inv.clamp(max=torch.finfo(inv.dtype).max ** 0.25)
+
+
 def sq_norms(z: Tensor, means: Tensor, inv: Tensor) -> tuple[Tensor, Tensor]:
     """The ``zz`` and ``mm`` that :func:`block_sq_dist` takes, for centred inputs."""
     if inv.dim() == 2:
-        return z * z, (means * means * inv).sum(-1)
+        g = gemm_inverse_variance(inv)
+        mm = (means * means * g).sum(-1)
+        sharp = (inv > g).any(-1)
+        return z * z, torch.where(sharp, torch.full_like(mm, math.inf), mm)
     return (z * z).sum(-1), (means * means).sum(-1)
 
 

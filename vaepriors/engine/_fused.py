@@ -43,16 +43,16 @@ import torch
 from torch import Tensor
 
 from . import _chunked
-from ._core import NEAR, LogSumExp, safe_shift, warn_fallback
+from ._core import NEAR, LogSumExp, inverse_variance, safe_shift, warn_fallback
 
 # Launch configuration of each kernel on a GPU: (BLOCK_M queries, BLOCK_N components,
 # num_warps, num_stages). Not yet timed on a GPU (benchmarks/tune_fused.py does that); until
 # then, configurations that compile for sm_90 without register spills (tune_fused.py
-# --static; the backward kernels at 64 x 64 spill about 1 KB per thread).
+# --static; the backward kernels at 64 x 64 spill 0.5-1.4 KB per thread).
 CONFIG = {
     "fwd": (64, 64, 8, 3),
-    "bwd_rows": (32, 32, 4, 2),
-    "bwd_cols": (32, 32, 4, 2),
+    "bwd_rows": (32, 32, 8, 2),
+    "bwd_cols": (32, 64, 8, 2),
 }
 # Tiles under the interpreter, where small tiles keep the tests fast.
 BLOCK_INTERPRET = 16
@@ -387,7 +387,7 @@ class _Launch:
         self.b, self.n, self.d = b, n, z.shape[1]
         self.z, self.means = z.contiguous(), means.contiguous()
         self.c = means.mean(0).contiguous()
-        self.inv = torch.exp(-log_var).expand(n).contiguous()
+        self.inv = inverse_variance(log_var).expand(n).contiguous()
         self.a = a.expand(n).contiguous()
         self.ex = ex.contiguous() if ex is not None else torch.full((b,), -1, dtype=torch.long, device=z.device)
         self.interpret = _interpret()

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ._core import LogSumExp, warn_fallback
+from ._core import LogSumExp, inverse_variance, warn_fallback
 
 # Output rows below which the GPU 2-D scheme is used (10-50x faster at B = 100..1000 on an
 # H100, anchors.md); the 1-D scheme needs tens of thousands of rows to fill a GPU.
@@ -165,7 +165,7 @@ class _Vars:
         b, n = z.shape[0], means.shape[0]
         # One formula for every scale shape (isotropic scales are expanded to [N, d]): three
         # compiled kernels per dtype and d instead of six, at the cost of d extra products.
-        inv = torch.exp(-log_var)
+        inv = inverse_variance(log_var)
         inv = inv.expand(n)[:, None].expand(n, z.shape[1]) if inv.dim() < 2 else inv
         e = ex.to(z.dtype) if ex is not None else z.new_full((b,), -1.0)
         self.zi = LazyTensor(z[:, None, :].contiguous())
@@ -218,7 +218,7 @@ class KeOpsLogSumExp(torch.autograd.Function):
             diff = v.diff()
             red = q.concat(q * diff).concat(q * diff**2).sum(dim=0, backend=_scheme(z.device, means.shape[0]))
             col, qd, qsq = red[:, 0], red[:, 1 : d + 1], red[:, d + 1 :]
-            inv = torch.exp(-log_var)
+            inv = inverse_variance(log_var)
             inv = inv[:, None] if inv.dim() == 1 else inv
             if need_a:
                 ga = col

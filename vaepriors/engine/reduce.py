@@ -133,7 +133,7 @@ def _check_log_var(log_var: Tensor | float, z: Tensor, n: int, d: int) -> Tensor
             f"`log_var` must be a scalar (shared isotropic), [N] (isotropic per component) or "
             f"[N, d] (diagonal per component) with N = {n}, d = {d}; got {tuple(log_var.shape)}"
         )
-    return _checks.finite(log_var.to(z.dtype), "log_var")
+    return _checks.finite(log_var.to(torch.promote_types(z.dtype, torch.float32)), "log_var")
 
 
 def _check_log_weights(log_weights: Tensor | None, z: Tensor, n: int) -> Tensor | None:
@@ -144,7 +144,7 @@ def _check_log_weights(log_weights: Tensor | None, z: Tensor, n: int) -> Tensor 
         raise VAEPriorsError(f"`log_weights` must have shape [N] = [{n}], got {tuple(log_weights.shape)}")
     if _checks.validation_enabled() and bool(torch.isnan(log_weights).any() | torch.isposinf(log_weights).any()):
         raise VAEPriorsError("`log_weights` must not hold NaN or +inf (-inf, a zero weight, is allowed)")
-    return log_weights.to(z.dtype)
+    return log_weights.to(torch.promote_types(z.dtype, torch.float32))
 
 
 def mixture_logsumexp(
@@ -191,7 +191,9 @@ def mixture_logsumexp(
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (flat, means, log_var, a))
     name = _resolve(backend, "logsumexp", flat.shape[0], n, d, flat, grad, budget, log_var.dim() < 2)
     part = _IMPLS[name].logsumexp(flat, means, log_var, a, ex, memory_budget=budget)
-    return LogSumExp(part.max.reshape(batch).to(dtype), part.sum.reshape(batch).to(dtype))
+    if dtype != work:  # half precision: the sum (up to N) may not fit, its log does
+        part = LogSumExp.from_log(part.log().to(dtype))
+    return LogSumExp(part.max.reshape(batch), part.sum.reshape(batch))
 
 
 def mixture_log_prob(
@@ -230,6 +232,12 @@ def mixture_log_prob(
         >>> mixture_log_prob(z, mu, torch.tensor(0.0)).shape
         torch.Size([3])
     """
+    if log_weights is None and exclude is not None and means.shape[0] == 1:
+        if bool((torch.as_tensor(exclude) >= 0).any()):
+            raise VAEPriorsError(
+                "`exclude` removes the only component (N = 1) for some queries: a uniform mixture "
+                "over no component is undefined"
+            )
     part = mixture_logsumexp(
         z, means, log_var, log_weights, exclude, backend=backend, memory_budget=memory_budget
     )
