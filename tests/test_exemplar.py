@@ -382,6 +382,53 @@ def test_eval_cache_with_a_plain_function_encoder():
     torch.testing.assert_close(prior.log_prob(z).double(), rows_ref(z, mu, prior.log_var, [range(7)] * 2, [7] * 2), rtol=1e-5, atol=1e-5)
 
 
+_FROZEN = nn.Linear(D_IN, 6).requires_grad_(False)
+
+
+def _global_encoder(x):
+    return _FROZEN(x).chunk(2, -1)
+
+
+@pytest.mark.parametrize("kind", ["closure", "global", "partial"])
+def test_eval_cache_sees_frozen_weights_of_a_plain_function_encoder(kind):
+    """A frozen encoder leaves no autograd graph: its weights are found where the callable
+    reaches them, and reloading them refreshes the cached means."""
+    import functools
+
+    net = nn.Linear(D_IN, 6).requires_grad_(False)
+    enc = {
+        "closure": lambda x: net(x).chunk(2, -1),
+        "global": _global_encoder,
+        "partial": functools.partial(lambda m, x: m(x).chunk(2, -1), net),
+    }[kind]
+    module = _FROZEN if kind == "global" else net
+    x = torch.rand(7, D_IN)
+    prior = ExemplarPrior(x).bind(enc).eval()
+    z = torch.randn(2, 3)
+    prior.log_prob(z)
+    module.load_state_dict(nn.Linear(D_IN, 6).state_dict())
+    mu = module(x)[:, :3].detach()
+    torch.testing.assert_close(prior.log_prob(z).double(), rows_ref(z, mu, prior.log_var, [range(7)] * 2, [7] * 2), rtol=1e-5, atol=1e-5)
+
+
+def test_eval_means_are_not_cached_when_the_encoder_hides_its_weights():
+    class Opaque:  # keeps its weights where no search looks
+        def __init__(self):
+            self.store = {"w": torch.randn(D_IN, 6)}
+
+        def __call__(self, x):
+            return (x @ self.store["w"]).chunk(2, -1)
+
+    enc = Opaque()
+    x = torch.rand(5, D_IN)
+    prior = ExemplarPrior(x).bind(enc).eval()
+    z = torch.randn(2, 3)
+    prior.log_prob(z)
+    enc.store["w"] = torch.randn(D_IN, 6)
+    mu = (x @ enc.store["w"])[:, :3]
+    torch.testing.assert_close(prior.log_prob(z).double(), rows_ref(z, mu, prior.log_var, [range(5)] * 2, [5] * 2), rtol=1e-5, atol=1e-5)
+
+
 # -- sampling ---------------------------------------------------------------------------------
 
 

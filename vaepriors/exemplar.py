@@ -78,6 +78,47 @@ def _graph_leaves(t: Tensor) -> list[Tensor]:
     return leaves
 
 
+def _reachable_tensors(fn: Callable, depth: int = 3) -> list[Tensor]:
+    """Parameters, buffers and tensors a callable can reach: the modules and tensors in its
+    closure, in the globals its code names, behind ``functools.partial`` and bound methods
+    (and their owners' attributes), ``depth`` levels of functions deep."""
+    import functools
+    import types
+
+    found: dict[int, Tensor] = {}
+    seen: set[int] = set()
+    todo: list[tuple[Any, int]] = [(fn, 0)]
+    while todo:
+        obj, level = todo.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, nn.Module):
+            found.update((id(t), t) for t in (*obj.parameters(), *obj.buffers()))
+        elif isinstance(obj, Tensor):
+            found[id(obj)] = obj
+        elif level < depth and isinstance(obj, functools.partial):
+            todo += [(x, level + 1) for x in (obj.func, *obj.args, *obj.keywords.values())]
+        elif level < depth and isinstance(obj, types.MethodType):
+            todo += [(obj.__func__, level + 1), (obj.__self__, level + 1)]
+        elif level < depth and isinstance(obj, types.FunctionType):
+            cells = [c.cell_contents for c in obj.__closure__ or () if _cell_full(c)]
+            names = [obj.__globals__[n] for n in obj.__code__.co_names if n in obj.__globals__]
+            todo += [(x, level + 1) for x in (*cells, *names)]
+        elif level < depth and level > 0 and hasattr(obj, "__dict__") and not isinstance(obj, type):
+            # an object holding the model, e.g. the owner of a bound method
+            todo += [(x, level + 1) for x in vars(obj).values() if isinstance(x, (nn.Module, Tensor))]
+    return list(found.values())
+
+
+def _cell_full(cell: Any) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:  # a closure variable not yet assigned
+        return False
+    return True
+
+
 def _version(t: Tensor) -> int:
     try:
         return t._version
@@ -161,9 +202,11 @@ class ExemplarPrior(BasePrior):
     switches, the exemplars change (:meth:`set_exemplars`, ``to()``, in-place edits) or any
     of the encoder's tensors changes (their version counters: optimiser steps,
     ``load_state_dict``). Tensors are found as the parameters and buffers of an
-    ``nn.Module`` encoder (or of the module of a bound method), else as the leaves of the
-    encoder's autograd graph. Edits through ``.data`` bypass version counters: call
-    :meth:`invalidate_cache` after those.
+    ``nn.Module`` encoder (or of the module of a bound method), else as the modules and
+    tensors the callable reaches (its closure, the globals it names, ``functools.partial``
+    arguments) and the leaves of its autograd graph, frozen weights included; where none
+    is found the means are not cached. Edits through ``.data`` bypass version counters:
+    call :meth:`invalidate_cache` after those.
 
     Arguments:
         data: the exemplars: a tensor ``[N, *input_shape]`` or a Dataset of ``x`` or
@@ -328,6 +371,9 @@ class ExemplarPrior(BasePrior):
 
     # -- evaluation cache --------------------------------------------------------------
     def _encoder_tensors(self) -> list[Tensor]:
+        """The tensors the encoder's output depends on, as far as they can be found: a
+        module's parameters and buffers; for any other callable, what it reaches
+        (:func:`_reachable_tensors`) and the leaves of its autograd graph."""
         enc = self.encoder
         owner = enc if isinstance(enc, nn.Module) else getattr(enc, "__self__", None)
         if isinstance(owner, nn.Module):
@@ -335,13 +381,20 @@ class ExemplarPrior(BasePrior):
         if self._leaves is None or self._leaves[0] is not enc:
             with torch.enable_grad():
                 mean, _ = self.encode(self._example_input())
-            self._leaves = (enc, _graph_leaves(mean))
+            found = {id(t): t for t in (*_reachable_tensors(enc), *_graph_leaves(mean))}
+            self._leaves = (enc, list(found.values()))
         return self._leaves[1]
 
-    def _cache_key(self) -> tuple:
+    def _cache_key(self) -> tuple | None:
+        """What the cached evaluation means depend on; ``None`` (no caching) when none of
+        the encoder's tensors could be found, since a change to them would go unseen."""
         tensors = self._encoder_tensors()
+        if not tensors:
+            return None
+        owner = self.encoder if isinstance(self.encoder, nn.Module) else getattr(self.encoder, "__self__", None)
         return (
             id(self.encoder),
+            getattr(owner, "training", None),  # dropout or batch norm switched by hand
             _version(self.exemplars),
             tuple((id(t), t.data_ptr(), _version(t)) for t in tensors),
         )
@@ -353,11 +406,11 @@ class ExemplarPrior(BasePrior):
     def _eval_means(self) -> Tensor:
         key = self._cache_key()
         c = self._eval_cache
-        if c is not None and c[0]() is self.exemplars and c[1] == key:
+        if key is not None and c is not None and c[0]() is self.exemplars and c[1] == key:
             return c[2]
         with torch.no_grad():
             means = self.exemplar_means(progress=True)
-        self._eval_cache = (weakref.ref(self.exemplars), key, means)
+        self._eval_cache = None if key is None else (weakref.ref(self.exemplars), key, means)
         return means
 
     def train(self, mode: bool = True) -> "ExemplarPrior":
