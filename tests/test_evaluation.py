@@ -205,15 +205,18 @@ def test_log_likelihood_is_a_lower_bound_in_expectation(case: LinearPriorCase) -
 
 
 @pytest.mark.parametrize("case", LINEAR_PRIORS, ids=lambda c: c.name)
-def test_log_likelihood_at_one_sample_is_the_elbo(case: LinearPriorCase, dtype: torch.dtype) -> None:
+def test_log_likelihood_at_one_sample_is_the_elbo(case: LinearPriorCase, dtype: torch.dtype, monkeypatch) -> None:
     lin = make_linear()
     enc = lin.encoder(inflate=1.5, dtype=dtype)
     prior = case.make(d, enc).to(dtype)
     model = vp.ExemplarELBO(enc, lin.decoder(dtype), prior, analytic_kl=False)
     x = _points(lin, 7).to(dtype)
-    torch.manual_seed(123)
-    est = ev.log_likelihood(model, x, n_samples=1, progress=False).values
-    torch.manual_seed(123)
+    est = ev.log_likelihood(model, x, n_samples=1, generator=torch.Generator().manual_seed(123), progress=False).values
+    # The ELBO with the same noise: point i's stream is seeded with one draw of the
+    # generator plus i (log_likelihood's documented rule).
+    base = int(torch.randint(0, 2**62, (), generator=torch.Generator().manual_seed(123)))
+    eps = torch.stack([torch.randn(1, d, dtype=dtype, generator=torch.Generator().manual_seed(base + i)) for i in range(len(x))], 1)
+    monkeypatch.setattr(torch, "randn", lambda *shape, **kw: eps)
     elbo = model(x).elbo
     tol = 1e-10 if dtype == torch.float64 else 1e-4
     torch.testing.assert_close(est, elbo.double(), rtol=0, atol=tol)
@@ -271,6 +274,25 @@ def test_log_likelihood_combines_chunks_exactly(budget: int) -> None:
     torch.testing.assert_close(out.values, ref, rtol=0, atol=1e-10)
     if budget == 1:
         assert len(model.records) == s * len(x)
+
+
+def test_log_likelihood_does_not_depend_on_chunking_for_a_seed() -> None:
+    """Each point draws its noise from its own stream: one generator seed gives the same
+    values whatever the memory budget and batch size (and a new seed other values)."""
+    lin = make_linear()
+    case = LINEAR_PRIORS[1]
+    enc = lin.encoder(inflate=1.5)
+    model = vp.ExemplarELBO(enc, lin.decoder(), case.make(d, enc))
+    x = _points(lin, 7)
+
+    def run(budget: int, batch: int, seed: int = 3) -> Tensor:
+        gen = torch.Generator().manual_seed(seed)
+        return ev.log_likelihood(model, x, n_samples=31, memory_budget=budget, batch_size=batch, generator=gen, progress=False).values
+
+    ref = run(10**9, 7)
+    for budget, batch in ((1, 7), (500, 2), (3000, 3), (10**9, 1)):
+        torch.testing.assert_close(run(budget, batch), ref, rtol=0, atol=1e-12)
+    assert not torch.allclose(run(10**9, 7, seed=4), ref)
 
 
 def test_log_likelihood_bits_per_dim_and_summary() -> None:

@@ -264,12 +264,16 @@ def log_likelihood(
     points, each a latent tensor ``[S_c, B_c, d]`` passed whole to the decoder and to the
     prior's ``log_prob`` (the mixture priors reduce it with the exact, memory-bounded engine:
     every component, no truncation). Chunks of samples are combined exactly by a running
-    (max, sum) in float64, so the result does not depend on the chunking.
+    (max, sum) in float64, and point ``i`` of ``data`` draws its S noise vectors from its
+    own stream, seeded with ``s0 + i`` where ``s0`` is one draw from ``generator``, so the
+    result does not depend on the chunking: the same generator state gives the same values
+    whatever ``memory_budget`` and ``batch_size``.
 
     The chunk size comes from ``memory_budget``: one (sample, point) row is counted as
-    ``4 D + 8 d + 4 K`` numbers of the model's dtype, with D the size of one x, d the latent
-    size and K the prior's ``n_components`` (0 when it has none): an estimate of the decoder's
-    and the engine's temporaries, not a guarantee for a large decoder's hidden layers.
+    ``4 D + 8 d`` numbers of the model's dtype, with D the size of one x and d the latent
+    size: an estimate of the decoder's temporaries and the latents, not a guarantee for a
+    large decoder's hidden layers (the prior's reduction is bounded by the engine's own
+    budget). A chunk's points draw all their S noise vectors at once (``S x d`` numbers each).
 
     Arguments:
         model: an :class:`~vaepriors.ExemplarELBO` (or any object with ``encode``,
@@ -283,7 +287,8 @@ def log_likelihood(
             (:func:`vaepriors.set_memory_budget`), whatever the chunk size.
         batch_size: points encoded at once when ``data`` is a tensor.
         device: where to compute (default: the model's device, else the data's).
-        generator: a :class:`torch.Generator` on that device, for reproducible samples.
+        generator: a :class:`torch.Generator` (any device) for reproducible samples; one
+            number is drawn from it (from torch's global generator when ``None``).
         progress: show a progress bar (tqdm) over data points.
 
     Returns:
@@ -313,6 +318,10 @@ def log_likelihood(
 
     results: list[Tensor] = []
     n_dims = None
+    # One draw from the caller's generator seeds every point's own noise stream.
+    gen_device = generator.device if generator is not None else "cpu"
+    base_seed = int(torch.randint(0, 2**62, (), generator=generator, device=gen_device))
+    seen = 0
     bar = tqdm(total=total, unit="pt", desc="log-likelihood", disable=not progress)
     try:
         with _evaluating(parts.roots):
@@ -332,13 +341,15 @@ def log_likelihood(
                 row_bytes = mean.element_size() * (4 * dims + 8 * d)
                 s_chunk, b_chunk = _plan(n_samples, row_bytes, budget)
                 for p in range(0, x.shape[0], b_chunk):
+                    seeds = range(base_seed + seen + p, base_seed + seen + min(p + b_chunk, x.shape[0]))
                     results.append(
                         _log_mean_exp_weights(
                             model, x[p : p + b_chunk], mean[p : p + b_chunk], log_var[p : p + b_chunk],
-                            n_samples, s_chunk, generator,
+                            n_samples, s_chunk, seeds,
                         )
                     )
                     bar.update(min(b_chunk, x.shape[0] - p))
+                seen += x.shape[0]
     finally:
         bar.close()
     if not results:
@@ -354,16 +365,20 @@ def log_likelihood(
 
 
 def _log_mean_exp_weights(
-    model: Any, x: Tensor, mean: Tensor, log_var: Tensor, n_samples: int, s_chunk: int,
-    generator: torch.Generator | None,
+    model: Any, x: Tensor, mean: Tensor, log_var: Tensor, n_samples: int, s_chunk: int, seeds: range
 ) -> Tensor:
-    """log (1/S) sum_s w_s for the points of one chunk, ``[B_c]`` float64."""
+    """log (1/S) sum_s w_s for the points of one chunk, ``[B_c]`` float64; point ``i`` of
+    the chunk draws its S noise vectors from a generator seeded with ``seeds[i]``."""
     std = torch.exp(0.5 * log_var)
+    gen = torch.Generator(device=mean.device)
+    noise = torch.stack(
+        [torch.randn(n_samples, mean.shape[-1], dtype=mean.dtype, device=mean.device, generator=gen.manual_seed(k)) for k in seeds],
+        1,
+    )  # [S, B_c, d]
     acc: LogSumExp | None = None
     bad: Tensor | None = None
     for s0 in range(0, n_samples, s_chunk):
-        s = min(s_chunk, n_samples - s0)
-        eps = torch.randn(s, *mean.shape, dtype=mean.dtype, device=mean.device, generator=generator)
+        eps = noise[s0 : s0 + s_chunk]
         z = mean + std * eps
         # log q(z|x) from the noise directly, as the ELBO does.
         log_q = -0.5 * (_LOG_2PI + log_var + eps.pow(2)).sum(-1)

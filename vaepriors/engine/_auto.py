@@ -51,11 +51,6 @@ KEOPS_ROWS = 20_000
 FUSED_MEASURED = False
 
 
-def dense_memory(b: int, n: int, elem: int, grad: bool) -> int:
-    """Estimated peak bytes of the dense backend (its B x N temporaries)."""
-    return b * n * (_dense.CELL_BYTES_GRAD if grad else _dense.CELL_BYTES) * elem
-
-
 def choose(
     op: str,
     device: torch.device,
