@@ -617,7 +617,11 @@ def test_log_variances_beyond_float32_range(backend, budget):
     lv = torch.zeros(4, 2, dtype=torch.float64)
     lv[1, 0] = -90.0  # one dimension of one component sharper than float32 can scale
     mu[1, 0] = 5.0  # far enough from the centre that its expansion overflows (inf - inf)
-    cases = [(z, mu, lv), (mu[:1], mu, torch.tensor(-89.0, dtype=torch.float64))]  # a query on a mean
+    cases = [
+        (z, mu, lv),
+        (mu[:2], mu, lv),  # a query on the sharp component's mean: that term dominates
+        (mu[:1], mu, torch.tensor(-89.0, dtype=torch.float64)),  # isotropic, a query on a mean
+    ]
     for zz, mm, vv in cases:
         ref = mixture_log_prob(zz, mm, vv, backend="dense")
         out = mixture_log_prob(zz.float(), mm.float(), vv.float(), backend=backend, memory_budget=budget)

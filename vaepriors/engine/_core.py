@@ -202,17 +202,18 @@ def block_sq_dist(
         t = zz[:, None] + mm
         d2 = addmm(t, zc, mc.T, alpha=-2)
     with torch.no_grad():
-        # u > 0 marks near pairs; rows are screened with a cheap max before any nonzero()
+        # u > 0 marks near pairs; rows are screened with a cheap max before any nonzero().
+        # An expansion that overflowed (huge inverse variances) gives u = NaN (inf - inf):
+        # such pairs take the difference form too (amax propagates NaN to its row).
         u = t.mul_(NEAR).sub_(d2) if inplace else t.detach() * NEAR - d2.detach()
         del t
-        # An expansion that overflowed (huge inverse variances) gives inf - inf: such pairs
-        # take the difference form too.
-        u = torch.nan_to_num_(u, nan=1.0, posinf=math.inf, neginf=-math.inf)
-        rows = torch.nonzero(u.amax(1) > 0).view(-1) if u.numel() else u.new_zeros(0, dtype=torch.long)
+        top = u.amax(1) if u.numel() else u.new_zeros(0)
+        rows = torch.nonzero((top > 0) | torch.isnan(top)).view(-1)
         if rows.numel() == 0:
             empty = rows.new_zeros(0)
             return d2, Near(empty, empty)
-        idx = torch.nonzero(u[rows] > 0)
+        ur = u[rows]
+        idx = torch.nonzero((ur > 0) | torch.isnan(ur))
         del u
     i, j = rows[idx[:, 0]], idx[:, 1]
     exact = []
