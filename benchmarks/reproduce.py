@@ -88,7 +88,7 @@ _BASE = {
 CONFIGS: dict[str, dict] = {
     # About 5 minutes for all six priors on one CPU thread: every prior's training and
     # evaluation path on real data. A larger learning rate than the papers' (few steps);
-    # coreset updates after epochs 2, 5 and 8 (see PseudocoresetPrior.schedule_updates).
+    # coreset updates after epochs 3, 6 and 9 (counted from 1; see PseudocoresetPrior.schedule_updates).
     "cpu-short": {**_BASE, "n_train": 5000, "n_eval": 1000, "epochs": 10, "warmup": 3, "lr": 2e-3,
                   "eval_samples": 500, "coreset_every": 3, "device": "cpu", "threads": 1},
     # About 40 minutes on one CPU thread: a fifth of the training set for 40 epochs, long
@@ -406,7 +406,7 @@ def table(results: dict) -> str:
         "density-estimation table, S = 5000; active units from supplementary table 1; KL and ELBO = -(KL + "
         "negative reconstruction) from supplementary table 3). Empty: the papers give no number for this row (the ByPE-VAE text at hand "
         "stops before its results). kNN: test encoder means against the training means "
-        f"(training images binarised once), k in {ks}. s / epoch: training only, mean over the epochs run.",
+        f"(training images binarised once), k in {ks}. s / epoch: the training pass (coreset updates and RAT cache refreshes included, validation not), mean over the epochs run.",
         "",
     ]
     if results.get("command"):

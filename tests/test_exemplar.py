@@ -382,6 +382,22 @@ def test_eval_cache_with_a_plain_function_encoder():
     torch.testing.assert_close(prior.log_prob(z).double(), rows_ref(z, mu, prior.log_var, [range(7)] * 2, [7] * 2), rtol=1e-5, atol=1e-5)
 
 
+def test_state_dict_carries_the_generator_and_refresh_counter():
+    """A restored prior draws the subsets the saved one would have drawn next."""
+    prior, enc, x = make(n=30, n_subsample=5, k=2, refresh_every=3)
+    z, idx = torch.randn(4, 3), torch.arange(4)
+    for _ in range(3):
+        prior.log_prob(z, index=idx)
+    prior.on_epoch_end(0)
+    state = prior.state_dict()
+    twin = ExemplarPrior(x, n_subsample=5, k=2, refresh_every=3, generator=0).bind(enc)
+    twin.load_state_dict(state)
+    assert twin._epochs_since_refresh == prior._epochs_since_refresh == 1
+    assert torch.equal(twin._randperm(30), prior._randperm(30))
+    fresh = ExemplarPrior(x, n_subsample=5, k=2, refresh_every=3, generator=0)
+    assert not torch.equal(fresh._randperm(30), twin._randperm(30))  # a fresh generator would repeat the first draws
+
+
 _FROZEN = nn.Linear(D_IN, 6).requires_grad_(False)
 
 
@@ -543,7 +559,7 @@ def test_state_dict_round_trip_with_rat_cache(device):
         prior.log_var.fill_(-1.25)
         prior.rat_cache[3] = 5.0
     sd = prior.state_dict()
-    assert set(sd) == {"log_var", "rat_cache"}  # the exemplars are not saved
+    assert set(sd) == {"log_var", "rat_cache", "_extra_state"}  # the exemplars are not saved
     fresh = ExemplarPrior(x, k=2).to(device)
     fresh.load_state_dict(sd)
     assert fresh.log_var.item() == -1.25 and fresh.rat_cache.device.type == device.type

@@ -58,14 +58,15 @@ def test_other_priors_run(tmp_path, prior):
     assert math.isfinite(m["test"]["elbo"]) and _is_png(tmp_path / "run" / "samples.png")
 
 
-def test_resume_continues_exactly(tmp_path):
-    full = train(tmp_path, "--prior", "vamp", "--epochs", "2", name="full")
-    first = train(tmp_path, "--prior", "vamp", "--epochs", "1", name="split")
+@pytest.mark.parametrize("prior", [["vamp"], ["exemplar", "--exemplar-subsample", "50"]], ids=["vamp", "exemplar-subsample"])
+def test_resume_continues_exactly(tmp_path, prior):
+    full = train(tmp_path, "--prior", *prior, "--epochs", "2", name="full")
+    first = train(tmp_path, "--prior", *prior, "--epochs", "1", name="split")
     assert first["epochs_run"] == 1
-    resumed = train(tmp_path, "--prior", "vamp", "--epochs", "2", "--resume", name="split")
+    resumed = train(tmp_path, "--prior", *prior, "--epochs", "2", "--resume", name="split")
     assert [h["epoch"] for h in resumed["epochs"]] == [1, 2]
-    # Model, optimiser, batch order and binarisation all carry over: epoch 2 is the same
-    # as in the uninterrupted run.
+    # Model, optimiser, batch order, binarisation and the prior's own generator (exemplar
+    # subsets) all carry over: epoch 2 is the same as in the uninterrupted run.
     for key in ("train", "valid"):
         for k, v in full["epochs"][1][key].items():
             assert math.isclose(resumed["epochs"][1][key][k], v, rel_tol=1e-6), (key, k)

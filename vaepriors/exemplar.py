@@ -475,6 +475,22 @@ class ExemplarPrior(BasePrior):
                     self._latent_dim = t.shape[1]
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
+    def get_extra_state(self) -> dict:
+        r"""What :meth:`state_dict` holds besides tensors (key ``_extra_state``): the private
+        generator's state, so that a restored prior draws the subsets and samples the saved
+        one would have drawn next, and the epochs since the last RAT refresh."""
+        state: dict = {"epochs_since_refresh": self._epochs_since_refresh}
+        if self.generator is not None:
+            state["generator"] = self.generator.get_state()
+        return state
+
+    def set_extra_state(self, state: dict) -> None:
+        r"""Restores :meth:`get_extra_state`'s dict (a generator state only where this prior
+        has a generator of its own)."""
+        self._epochs_since_refresh = int(state.get("epochs_since_refresh", 0))
+        if self.generator is not None and state.get("generator") is not None:
+            self.generator.set_state(state["generator"])
+
     # -- randomness --------------------------------------------------------------------
     def _draw_device(self) -> torch.device:
         return self.generator.device if self.generator is not None else self.exemplars.device
