@@ -386,8 +386,7 @@ def _log_mean_exp_weights(
         # NaN / +inf weights flagged here: LogSumExp.log would report such a point as -inf.
         invalid = torch.isnan(log_w) | torch.isposinf(log_w)
         bad = invalid.any(0) if bad is None else bad | invalid.any(0)
-        m = log_w.amax(0)
-        part = LogSumExp(m, torch.exp(log_w - torch.where(torch.isneginf(m), 0.0, m)).sum(0))
+        part = LogSumExp.reduce(log_w, torch.ones_like(log_w), 0)
         acc = part if acc is None else LogSumExp.combine([acc, part])
     value = acc.log() - math.log(n_samples)
     return torch.where(bad, math.nan, value)

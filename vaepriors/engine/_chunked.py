@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ._core import (
     LogSumExp,
+    backward_rows,
     block_sq_dist,
     exclude_,
     exponents,
@@ -143,9 +144,7 @@ def _backward(ctx, grad):
     st = _Setup(z, means, log_var)
     b, n = z.shape[0], means.shape[0]
     bc, nc = blocks(b, n, z.element_size(), ctx.budget, z.device, z.shape[1])
-    finite = torch.isfinite(out)
-    g = torch.where(finite, grad, torch.zeros_like(grad))
-    lse = torch.where(finite, out, torch.zeros_like(out))
+    g, lse = backward_rows(grad, out)
     gz = torch.zeros_like(z) if need_z else None
     gm = torch.zeros_like(means) if need_m else None
     ga = torch.zeros(n, dtype=z.dtype, device=z.device) if need_a else None

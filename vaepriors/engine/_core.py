@@ -49,10 +49,21 @@ class LogSumExp(NamedTuple):
         """The partial over the union of disjoint shards, exactly."""
         if len(parts) == 0:
             raise ValueError("combine needs at least one partial")
-        m = torch.stack([p.max for p in parts]).amax(0)
-        shift = safe_shift(m)
-        s = sum(p.sum * torch.exp(p.max - shift) for p in parts)
-        return LogSumExp(m, s)
+        return LogSumExp.reduce(torch.stack([p.max for p in parts]), torch.stack([p.sum for p in parts]), 0)
+
+    @staticmethod
+    def reduce(max: Tensor, sum: Tensor, dim: int) -> "LogSumExp":
+        """:meth:`combine` of partials stacked along ``dim`` (``max`` and ``sum`` alike);
+        ``sum = 1`` makes it the partial of the exponents ``max`` themselves."""
+        m = max.amax(dim)
+        return LogSumExp(m, (sum * torch.exp(max - safe_shift(m).unsqueeze(dim))).sum(dim))
+
+
+def backward_rows(grad: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
+    """The upstream gradient and log-sum-exp ``out`` a custom backward uses: rows whose
+    mixture is empty (``out = -inf``) get no gradient and a finite stand-in value."""
+    finite = torch.isfinite(out)
+    return torch.where(finite, grad, torch.zeros_like(grad)), torch.where(finite, out, torch.zeros_like(out))
 
 
 def safe_shift(m: Tensor) -> Tensor:

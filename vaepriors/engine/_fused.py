@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from . import _chunked
-from ._core import NEAR, LogSumExp, inverse_variance, safe_shift, warn_fallback
+from ._core import NEAR, LogSumExp, backward_rows, inverse_variance, warn_fallback
 
 # Launch configuration of each kernel on a GPU: (BLOCK_M queries, BLOCK_N components,
 # num_warps, num_stages). Not yet timed on a GPU (benchmarks/tune_fused.py does that); until
@@ -452,8 +452,7 @@ class FusedLogSumExp(torch.autograd.Function):
             m = z.new_empty(parts, k.b)
             s = torch.empty_like(m)
             k.launch("fwd", m, s)
-            top = m.amax(0)
-            out = LogSumExp(top, (s * torch.exp(m - safe_shift(top))).sum(0)).log()
+            out = LogSumExp.reduce(m, s, 0).log()
         ctx.save_for_backward(z, means, log_var, a, ex, out)
         return out
 
@@ -463,9 +462,7 @@ class FusedLogSumExp(torch.autograd.Function):
         z, means, log_var, a, ex, out = ctx.saved_tensors
         need_z, need_m, need_v, need_a = ctx.needs_input_grad[:4]
         k = _Launch(z, means, log_var, a, ex)
-        finite = torch.isfinite(out)
-        g = torch.where(finite, grad, torch.zeros_like(grad)).contiguous()
-        lse = torch.where(finite, out, torch.zeros_like(out)).contiguous()
+        g, lse = (t.contiguous() for t in backward_rows(grad, out))
         gz = gm = gv = ga = None
         if need_z:
             gz = torch.zeros_like(k.z)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ._core import LogSumExp, inverse_variance, warn_fallback
+from ._core import LogSumExp, backward_rows, inverse_variance, warn_fallback
 
 # Output rows below which the GPU 2-D scheme is used (10-50x faster at B = 100..1000 on an
 # H100, anchors.md); the 1-D scheme needs tens of thousands of rows to fill a GPU.
@@ -204,9 +204,7 @@ class KeOpsLogSumExp(torch.autograd.Function):
         need_z, need_m, need_v, need_a = ctx.needs_input_grad[:4]
         v = _Vars(z, means, log_var, a, ex)
         LT = v.LazyTensor
-        finite = torch.isfinite(out)
-        g = torch.where(finite, grad, torch.zeros_like(grad))
-        lse = torch.where(finite, out, torch.zeros_like(out))
+        g, lse = backward_rows(grad, out)
         prob = (v.exponent() - LT(lse[:, None, None].contiguous())).exp()  # P_ij
         gz = gm = gv = ga = None
         if need_z:
