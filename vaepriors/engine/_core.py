@@ -219,12 +219,11 @@ def block_sq_dist(
         u = t.mul_(NEAR).sub_(d2) if inplace else t.detach() * NEAR - d2.detach()
         del t
         top = u.amax(1) if u.numel() else u.new_zeros(0)
-        rows = torch.nonzero((top > 0) | torch.isnan(top)).view(-1)
+        rows = torch.nonzero(~(top <= 0)).view(-1)  # NaN fails every comparison
         if rows.numel() == 0:
             empty = rows.new_zeros(0)
             return d2, Near(empty, empty)
-        ur = u[rows]
-        idx = torch.nonzero((ur > 0) | torch.isnan(ur))
+        idx = torch.nonzero(~(u[rows] <= 0))
         del u
     i, j = rows[idx[:, 0]], idx[:, 1]
     exact = []
