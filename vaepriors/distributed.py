@@ -130,10 +130,9 @@ def _all_reduce(t: Tensor, c: Comm, what: str, op: str, kind: Any) -> Tensor:
 def _all_gather(x: Tensor, c: Comm, what: str, op: str) -> Tensor:
     """``[world_size, *x.shape]``: every rank's ``x`` (same shape on all ranks)."""
     x = x.contiguous()
-    wire = x.view(torch.uint8) if x.dtype == torch.bool else x  # gloo has no bool
-    buf = wire.new_empty((c.world_size, *x.shape))
-    _run(c, what, op, lambda: dist.all_gather(list(buf.unbind(0)), wire, group=c.group, async_op=True))
-    return buf.view(torch.bool) if x.dtype == torch.bool else buf
+    buf = x.new_empty((c.world_size, *x.shape))  # outputs are views of one buffer: no stack afterwards
+    _run(c, what, op, lambda: dist.all_gather(list(buf.unbind(0)), x, group=c.group, async_op=True))
+    return buf
 
 
 # Row counts travel with what the ranks must agree on (dtype, trailing shape): one collective
