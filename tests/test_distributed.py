@@ -1,7 +1,7 @@
 """vaepriors.distributed on real gloo process groups, against single-process float64 references.
 
-Spawning costs seconds, so one spawned run (three ranks) makes every correctness check and
-returns what each rank saw; the tests below compare that with references computed here.
+Starting ranks costs time, so one run of three ranks makes every correctness check and returns
+what each rank saw; the tests below compare that with references computed here, in one process.
 Failure modes (a rank that never joins, a rank that dies) and the harness get runs of their own.
 """
 
@@ -109,8 +109,8 @@ def _checks(rank: int, world_size: int) -> dict:
     # A world of 2: the subgroup of ranks 0 and 1 (rank 2 must still call new_group).
     sub = dist.new_group([0, 1])
     if rank < 2:
-        out["sub"] = D.all_gather_rows(rows_of(rank, SUB_ROWS[rank]), D.comm(sub), what)
         c2 = D.comm(sub)
+        out["sub"] = D.all_gather_rows(rows_of(rank, SUB_ROWS[rank]), c2, what)
         out["sub_lse"] = _lse(rank, c2, [3, 2][rank])
     else:
         out["not_member"] = _error(lambda: D.comm(sub))
