@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.distributions import Distribution
 
 from . import _checks
-from .encoder import Encoder, gaussian_params
+from .encoder import Encoder, Posterior, read_posterior
 from .errors import VAEPriorsError
 from .prior import Prior
 
@@ -47,18 +47,19 @@ class ExemplarELBO(nn.Module):
 
     .. math:: \mathrm{ELBO}(x) = \mathbb E_{q(z|x)}[\log p(x|z)] - \mathrm{KL}(q(z|x) \,\|\, p(z))
 
-    The KL is in closed form where the prior has one (:class:`~vaepriors.GaussianPrior`)
-    and ``analytic_kl`` is set; otherwise it is the Monte Carlo estimate
-    :math:`\log q(z|x) - \log p(z)` on the same reparameterised samples as the
-    reconstruction term.
+    The KL is in closed form where the prior has one (:class:`~vaepriors.GaussianPrior`), the
+    posterior is a diagonal Gaussian and ``analytic_kl`` is set; otherwise it is the Monte
+    Carlo estimate :math:`\log q(z|x) - \log p(z)` on the same reparameterised samples as
+    the reconstruction term, with the posterior's own ``log_prob``.
 
     Modules passed as ``encoder`` / ``decoder`` are registered as submodules; for bound
     methods such as ``vae.encode``, their module is registered (as ``model``), so
     ``elbo.parameters()`` holds every parameter to train.
 
     Arguments:
-        encoder: ``x [B, ...] -> (mean, log_var)`` each ``[B, d]``, or a ``Normal`` /
-            ``Independent(Normal, 1)`` over ``[B, d]``.
+        encoder: ``x [B, ...] -> (mean, log_var)`` each ``[B, d]``, or any reparameterisable
+            Distribution over ``[B, d]`` (Normal, Laplace, a normalising flow, ...; see
+            :func:`~vaepriors.encoder.read_posterior`). Diagonal Gaussians take a fast path.
         decoder: ``z [n, d] ->`` a :class:`~torch.distributions.Distribution` over x whose
             ``batch_shape + event_shape`` is ``[n, *x.shape[1:]]`` (Bernoulli,
             ContinuousBernoulli, Normal, ...), or a callable ``x [n, ...] -> log p(x|z) [n]``.
@@ -121,23 +122,40 @@ class ExemplarELBO(nn.Module):
             raise VAEPriorsError(f"`kl_weight` must be a finite number >= 0, got {w!r}")
         return float(w)
 
-    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``(mean, log_var)`` of q(z|x), each ``[B, d]``, checked against the prior."""
-        mean, log_var = gaussian_params(self.encoder(x), "encoder")
-        if mean.dim() != 2 or mean.shape[0] != x.shape[0]:
+    def encode(self, x: Tensor) -> Posterior:
+        """The posterior q(z|x) over ``[B, d]`` (a :class:`~vaepriors.encoder.Posterior`),
+        checked against the prior."""
+        try:
+            out = self.encoder(x)
+        except VAEPriorsError:
+            raise
+        except Exception as err:
             raise VAEPriorsError(
-                f"`encoder` must return [B, d] with B = len(x) = {x.shape[0]}, got {tuple(mean.shape)}"
-            )
-        if mean.shape[-1] != self.prior.latent_dim:
+                f"the encoder failed in ExemplarELBO.encode on x of shape {tuple(x.shape)} and dtype {x.dtype}: "
+                f"{type(err).__name__}: {err}"
+            ) from err
+        q = read_posterior(out, "encoder")
+        shape = q.shape
+        if len(shape) != 2 or shape[0] != x.shape[0]:
+            raise VAEPriorsError(f"`encoder` must return [B, d] with B = len(x) = {x.shape[0]}, got {tuple(shape)}")
+        if shape[-1] != self.prior.latent_dim:
             raise VAEPriorsError(
-                f"`encoder` returns latents of size {mean.shape[-1]}, the prior has latent_dim={self.prior.latent_dim}"
+                f"`encoder` returns latents of size {shape[-1]}, the prior has latent_dim={self.prior.latent_dim}"
             )
-        return mean, log_var
+        return q
 
     def log_likelihood(self, x: Tensor, z: Tensor) -> Tensor:
         r"""log p(x|z) for latents ``z [S, B, d]`` and data ``x [B, ...]``; returns ``[S, B]``."""
         s, b, d = z.shape
-        out = self.decoder(z.reshape(s * b, d))
+        try:
+            out = self.decoder(z.reshape(s * b, d))
+        except VAEPriorsError:
+            raise
+        except Exception as err:
+            raise VAEPriorsError(
+                f"the decoder failed in ExemplarELBO.log_likelihood on z of shape {(s * b, d)} and dtype {z.dtype}: "
+                f"{type(err).__name__}: {err}"
+            ) from err
         target = x.unsqueeze(0).expand(s, *x.shape).reshape(s * b, *x.shape[1:])
         if isinstance(out, Distribution):
             shape = tuple(out.batch_shape + out.event_shape)
@@ -146,7 +164,13 @@ class ExemplarELBO(nn.Module):
                     f"`decoder` returned a distribution over shape {shape}; expected [n, *x.shape[1:]] = "
                     f"{tuple(target.shape)}"
                 )
-            lp = out.log_prob(target).reshape(s * b, -1).sum(-1)
+            try:
+                lp = out.log_prob(target).reshape(s * b, -1).sum(-1)
+            except Exception as err:
+                raise VAEPriorsError(
+                    f"the decoder's {type(out).__name__}.log_prob failed in ExemplarELBO.log_likelihood on x of "
+                    f"shape {tuple(target.shape)} and dtype {target.dtype}: {type(err).__name__}: {err}"
+                ) from err
         elif callable(out) and not isinstance(out, Tensor):
             lp = out(target)
             if not isinstance(lp, Tensor) or lp.shape != (s * b,):
@@ -179,20 +203,20 @@ class ExemplarELBO(nn.Module):
             index = _checks.tensor(index, "index")
             if index.shape != (x.shape[0],):
                 raise VAEPriorsError(f"`index` must have shape [B] = [{x.shape[0]}], got {tuple(index.shape)}")
-        mean, log_var = self.encode(x)
-        _checks.finite(mean, "encoder mean")
-        _checks.finite(log_var, "encoder log_var")
+        q = self.encode(x)
+        if q.is_gaussian:
+            _checks.finite(q.mean, "encoder mean")
+            _checks.finite(q.log_var, "encoder log_var")
         if index is not None and self.training:
-            self.prior.observe(mean.detach(), index)
+            self.prior.observe(q, index)
 
-        eps = torch.randn(self.n_samples, *mean.shape, dtype=mean.dtype, device=mean.device)
-        z = mean + torch.exp(0.5 * log_var) * eps
+        z, log_q = q.rsample(self.n_samples)
+        if not q.is_gaussian:
+            _checks.finite(z, "encoder sample")
         rec = self.log_likelihood(x, z).mean(0)
 
-        kl = self.prior.analytic_kl(mean, log_var) if self.analytic_kl else None
+        kl = self.prior.analytic_kl(q.mean, q.log_var) if self.analytic_kl and q.is_gaussian else None
         if kl is None:
-            # log q(z|x) from the noise directly: exact, and no second pass over z.
-            log_q = -0.5 * (math.log(2 * math.pi) + log_var + eps.pow(2)).sum(-1)
             kl = (log_q - self.prior.log_prob(z, index=index)).mean(0)
         elbo = rec - kl
         loss = -(rec - beta * kl).mean()

@@ -18,6 +18,7 @@ modules' previous train/eval modes are restored afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 
 from . import _checks
 from .elbo import ExemplarELBO
-from .encoder import gaussian_params
+from .encoder import Posterior, read_posterior
 from .engine import LogSumExp, knn, mixture_logsumexp
 from .errors import VAEPriorsError
 
@@ -60,7 +61,7 @@ _LOG_2PI = math.log(2 * math.pi)
 
 
 class _Parts(NamedTuple):
-    encode: Callable[[Tensor], tuple[Tensor, Tensor]]
+    encode: Callable[[Tensor], Posterior]
     decoder: Callable[[Tensor], Any] | None
     prior: Any
     roots: list[nn.Module]
@@ -75,17 +76,17 @@ def _parts(model: Any) -> _Parts:
         if not callable(encoder):
             raise VAEPriorsError(f"`model` encoder must be callable, got {type(encoder).__name__}")
         roots = [m for m in model if isinstance(m, nn.Module)]
-        return _Parts(lambda x: gaussian_params(encoder(x), "encoder"), decoder, prior, roots)
+        return _Parts(lambda x: read_posterior(encoder(x), "encoder"), decoder, prior, roots)
     if hasattr(model, "encode"):
         roots = [model] if isinstance(model, nn.Module) else []
         prior = getattr(model, "prior", None)
         roots += [prior] if isinstance(prior, nn.Module) else []
         return _Parts(
-            lambda x: gaussian_params(model.encode(x), "encoder"), getattr(model, "decoder", None), prior, roots
+            lambda x: read_posterior(model.encode(x), "encoder"), getattr(model, "decoder", None), prior, roots
         )
     if callable(model):
         roots = [model] if isinstance(model, nn.Module) else []
-        return _Parts(lambda x: gaussian_params(model(x), "encoder"), None, None, roots)
+        return _Parts(lambda x: read_posterior(model(x), "encoder"), None, None, roots)
     raise VAEPriorsError(
         "`model` must be an ExemplarELBO (or any object with encode), a triple (encoder, decoder, prior) "
         f"or an encoder callable; got {type(model).__name__}"
@@ -179,15 +180,19 @@ def _batches(data: object, batch_size: int) -> tuple[Iterator[Tensor], int | Non
     return gen(), total
 
 
-def _encode_all(encode: Callable, x: Tensor, batch_size: int, device: torch.device | None) -> tuple[Tensor, Tensor]:
-    means, log_vars = [], []
+def _location_of(parts: _Parts) -> Callable | None:
+    """The point function of the model's prior (``location``), where it has one."""
+    return getattr(parts.prior, "location", None)
+
+
+def _encode_all(parts: _Parts, x: Tensor, batch_size: int, device: torch.device | None) -> Tensor:
+    """The posteriors' points (means) of ``x``, ``[N, d]``, batch by batch."""
+    means = []
     for i in range(0, x.shape[0], batch_size):
         xb = x[i : i + batch_size]
         xb = xb.to(device) if device is not None else xb
-        m, lv = encode(xb)
-        means.append(m)
-        log_vars.append(lv)
-    return torch.cat(means), torch.cat(log_vars)
+        means.append(parts.encode(xb).location(_location_of(parts)))
+    return torch.cat(means)
 
 
 # -- log-likelihood -----------------------------------------------------------------------
@@ -332,22 +337,21 @@ def log_likelihood(
                     n_dims = dims
                 elif dims != n_dims:
                     raise VAEPriorsError(f"`data` batches must share one point shape, got {x.shape[1:]} after {n_dims} entries")
-                mean, log_var = model.encode(x)
-                _checks.finite(mean, "encoder mean")
-                _checks.finite(log_var, "encoder log_var")
-                d = mean.shape[-1]
+                q = read_posterior(model.encode(x), "encoder")
+                if q.is_gaussian:
+                    _checks.finite(q.mean, "encoder mean")
+                    _checks.finite(q.log_var, "encoder log_var")
+                d = q.shape[-1]
                 # The chunk's own temporaries (decoder outputs, latents); the prior's reduction
                 # over its components is bounded by the engine's memory budget.
-                row_bytes = mean.element_size() * (4 * dims + 8 * d)
+                row_bytes = x.element_size() * (4 * dims + 8 * d)
                 s_chunk, b_chunk = _plan(n_samples, row_bytes, budget)
                 for p in range(0, x.shape[0], b_chunk):
                     seeds = range(base_seed + seen + p, base_seed + seen + min(p + b_chunk, x.shape[0]))
-                    results.append(
-                        _log_mean_exp_weights(
-                            model, x[p : p + b_chunk], mean[p : p + b_chunk], log_var[p : p + b_chunk],
-                            n_samples, s_chunk, seeds,
-                        )
-                    )
+                    xc = x[p : p + b_chunk]
+                    # Other families are encoded chunk by chunk: their posteriors cannot be sliced.
+                    qc = q[p : p + b_chunk] if q.is_gaussian else (q if b_chunk >= x.shape[0] else read_posterior(model.encode(xc)))
+                    results.append(_log_mean_exp_weights(model, xc, qc, n_samples, s_chunk, seeds))
                     bar.update(min(b_chunk, x.shape[0] - p))
                 seen += x.shape[0]
     finally:
@@ -364,30 +368,43 @@ def log_likelihood(
     return LogLikelihood(values, mean_ll, se, bits_per_dim(mean_ll, n_dims), n_samples, n_dims)
 
 
-def _log_mean_exp_weights(
-    model: Any, x: Tensor, mean: Tensor, log_var: Tensor, n_samples: int, s_chunk: int, seeds: range
-) -> Tensor:
-    """log (1/S) sum_s w_s for the points of one chunk, ``[B_c]`` float64; point ``i`` of
-    the chunk draws its S noise vectors from a generator seeded with ``seeds[i]``."""
-    std = torch.exp(0.5 * log_var)
-    gen = torch.Generator(device=mean.device)
-    noise = torch.stack(
-        [torch.randn(n_samples, mean.shape[-1], dtype=mean.dtype, device=mean.device, generator=gen.manual_seed(k)) for k in seeds],
-        1,
-    )  # [S, B_c, d]
-    acc: LogSumExp | None = None
-    bad: Tensor | None = None
-    for s0 in range(0, n_samples, s_chunk):
-        eps = noise[s0 : s0 + s_chunk]
-        z = mean + std * eps
-        # log q(z|x) from the noise directly, as the ELBO does.
-        log_q = -0.5 * (_LOG_2PI + log_var + eps.pow(2)).sum(-1)
-        log_w = (model.log_likelihood(x, z) + model.prior.log_prob(z) - log_q).double()
-        # NaN / +inf weights flagged here: LogSumExp.log would report such a point as -inf.
-        invalid = torch.isnan(log_w) | torch.isposinf(log_w)
-        bad = invalid.any(0) if bad is None else bad | invalid.any(0)
-        part = LogSumExp.reduce(log_w, torch.ones_like(log_w), 0)
-        acc = part if acc is None else LogSumExp.combine([acc, part])
+def _log_mean_exp_weights(model: Any, x: Tensor, q: Posterior, n_samples: int, s_chunk: int, seeds: range) -> Tensor:
+    """log (1/S) sum_s w_s for the points of one chunk, ``[B_c]`` float64. For a Gaussian
+    posterior point ``i`` of the chunk draws its S noise vectors from a generator seeded with
+    ``seeds[i]``; other families draw from torch's generator seeded with ``seeds[0]``
+    (restored afterwards)."""
+    with contextlib.ExitStack() as stack:
+        if q.is_gaussian:
+            mean, log_var = q.mean, q.log_var
+            std = torch.exp(0.5 * log_var)
+            gen = torch.Generator(device=mean.device)
+            noise = torch.stack(
+                [torch.randn(n_samples, mean.shape[-1], dtype=mean.dtype, device=mean.device, generator=gen.manual_seed(k)) for k in seeds],
+                1,
+            )  # [S, B_c, d]
+
+            def draw(s0: int) -> tuple[Tensor, Tensor]:
+                eps = noise[s0 : s0 + s_chunk]
+                # log q(z|x) from the noise directly, as the ELBO does.
+                return mean + std * eps, -0.5 * (_LOG_2PI + log_var + eps.pow(2)).sum(-1)
+        else:
+            stack.enter_context(torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []))
+            torch.manual_seed(seeds[0])
+
+            def draw(s0: int) -> tuple[Tensor, Tensor]:
+                z, log_q = q.rsample(min(s_chunk, n_samples - s0))
+                return _checks.finite(z, "encoder sample"), log_q
+
+        acc: LogSumExp | None = None
+        bad: Tensor | None = None
+        for s0 in range(0, n_samples, s_chunk):
+            z, log_q = draw(s0)
+            log_w = (model.log_likelihood(x, z) + model.prior.log_prob(z) - log_q).double()
+            # NaN / +inf weights flagged here: LogSumExp.log would report such a point as -inf.
+            invalid = torch.isnan(log_w) | torch.isposinf(log_w)
+            bad = invalid.any(0) if bad is None else bad | invalid.any(0)
+            part = LogSumExp.reduce(log_w, torch.ones_like(log_w), 0)
+            acc = part if acc is None else LogSumExp.combine([acc, part])
     value = acc.log() - math.log(n_samples)
     return torch.where(bad, math.nan, value)
 
@@ -455,7 +472,7 @@ def active_units(
     with _evaluating(parts.roots):
         for x in batches:
             x = x.to(dev) if dev is not None else x
-            mean = parts.encode(x)[0].double()
+            mean = parts.encode(x).location(_location_of(parts)).double()
             if mean.dim() != 2:
                 raise VAEPriorsError(f"`model` encoder must return means [B, d], got {tuple(mean.shape)}")
             _checks.finite(mean, "encoder mean")
@@ -569,8 +586,8 @@ def knn_accuracy(
     budget = _budget(memory_budget, dev)
 
     with _evaluating(parts.roots):
-        train_mean = _encode_all(parts.encode, train_x, batch_size, dev)[0]
-        test_mean = _encode_all(parts.encode, test_x, batch_size, dev)[0]
+        train_mean = _encode_all(parts, train_x, batch_size, dev)
+        test_mean = _encode_all(parts, test_x, batch_size, dev)
         classes, train_class = torch.unique(train_y.to(train_mean.device), return_inverse=True)
         test_y = test_y.to(train_mean.device)
         # A chunk of test points costs ~4 [chunk, N] temporaries in a dense backend.
@@ -658,9 +675,7 @@ class _Pass(NamedTuple):
     top_i: Tensor | None  # [Q, k]
 
 
-def _novelty_pass(
-    z: Tensor, means: Tensor, log_var: Tensor, x: Tensor | None, top: int | None, budget: int,
-) -> _Pass:
+def _novelty_pass(z: Tensor, post: "_TrainPosteriors", x: Tensor | None, top: int | None, budget: int) -> _Pass:
     r"""Weights of each query over the training set, in chunks, everything float64.
 
     The normaliser :math:`\log \sum_j q(z|x_j)` comes first from the engine (exact over every
@@ -668,7 +683,7 @@ def _novelty_pass(
     weighted sums are then renormalised by the accumulated total weight, which makes the
     average an exact convex combination whatever rounding the normaliser carries.
     """
-    n, d = means.shape
+    n, d = post.n, post.d
     dim = 0 if x is None else x[0].numel()
     q = z.shape[0]
     q_chunk = max(1, budget // (8 * (4 * n + 2 * dim + 2 * (top or 0))))
@@ -676,8 +691,8 @@ def _novelty_pass(
     for q0 in range(0, q, q_chunk):
         zc = z[q0 : q0 + q_chunk]
         qc = zc.shape[0]
-        log_z = mixture_logsumexp(zc, means, log_var).log()
-        n_chunk = max(1, budget // (8 * (4 * qc + 2 * dim + d)))
+        log_z = post.normaliser(zc)
+        n_chunk = post.block_size(budget, qc, dim)
         wsum = torch.zeros(qc, dtype=torch.float64, device=z.device)
         wlogw = torch.zeros_like(wsum)
         best = torch.full_like(wsum, -1.0)
@@ -686,7 +701,7 @@ def _novelty_pass(
         top_w = top_i = None
         for n0 in range(0, n, n_chunk):
             n1 = min(n, n0 + n_chunk)
-            log_w = _log_normal(zc, means[n0:n1], log_var[n0:n1]) - log_z[:, None]
+            log_w = post.block(zc, n0, n1) - log_z[:, None]
             w = torch.exp(log_w)
             wsum += w.sum(1)
             wlogw += torch.where(w > 0, w * log_w, 0.0).sum(1)
@@ -721,13 +736,55 @@ def _novelty_pass(
     return _Pass(*(cat(f) for f in _Pass._fields))
 
 
-def _train_posteriors(parts: _Parts, train_x: Tensor, batch_size: int, dev: torch.device | None) -> tuple[Tensor, Tensor]:
-    mean, log_var = _encode_all(parts.encode, train_x, batch_size, dev)
-    if mean.dim() != 2:
-        raise VAEPriorsError(f"`model` encoder must return means [B, d], got {tuple(mean.shape)}")
-    _checks.finite(mean, "encoder mean")
-    _checks.finite(log_var, "encoder log_var")
-    return mean.double(), log_var.double()
+class _TrainPosteriors:
+    """log q(z | x_j) of queries against the training points' posteriors, in blocks of
+    training points, float64. Gaussian posteriors are kept as their means and log-variances
+    (the normaliser is then one engine call); other families are re-encoded block by block
+    and evaluated with their own ``log_prob``."""
+
+    def __init__(self, parts: _Parts, train_x: Tensor, batch_size: int, dev: torch.device | None) -> None:
+        self.parts, self.x, self.batch_size, self.dev = parts, train_x, batch_size, dev
+        self.n = train_x.shape[0]
+        means, log_vars, gaussian = [], [], True
+        for i in range(0, self.n, batch_size):
+            xb = train_x[i : i + batch_size]
+            q = parts.encode(xb.to(dev) if dev is not None else xb)
+            if len(q.shape) != 2:
+                raise VAEPriorsError(f"`model` encoder must return posteriors over [B, d], got {tuple(q.shape)}")
+            gaussian = gaussian and q.is_gaussian
+            if not gaussian:
+                break
+            means.append(_checks.finite(q.mean, "encoder mean").double())
+            log_vars.append(_checks.finite(q.log_var, "encoder log_var").double())
+        self.d = q.shape[-1]
+        self.gaussian = gaussian
+        self.means = torch.cat(means) if gaussian else None
+        self.log_var = torch.cat(log_vars) if gaussian else None
+        self.device = self.means.device if gaussian else q.sample().device
+
+    def block_size(self, budget: int, qc: int, dim: int) -> int:
+        if self.gaussian:
+            return max(1, budget // (8 * (4 * qc + 2 * dim + self.d)))
+        return self.batch_size
+
+    def block(self, z: Tensor, n0: int, n1: int) -> Tensor:
+        """``[Q, n1 - n0]``."""
+        if self.gaussian:
+            return _log_normal(z, self.means[n0:n1], self.log_var[n0:n1])
+        xb = self.x[n0:n1]
+        q = self.parts.encode(xb.to(self.dev) if self.dev is not None else xb)
+        zz = z[:, None, :].expand(z.shape[0], n1 - n0, self.d).to(q.distribution.sample().dtype)
+        return q.log_prob(zz).double()
+
+    def normaliser(self, z: Tensor) -> Tensor:
+        r""":math:`\log \sum_j q(z|x_j)`, ``[Q]``, exact over every training point."""
+        if self.gaussian:
+            return mixture_logsumexp(z, self.means, self.log_var).log()
+        parts = []
+        for n0 in range(0, self.n, self.batch_size):
+            lp = self.block(z, n0, min(self.n, n0 + self.batch_size))
+            parts.append(LogSumExp.reduce(lp, torch.ones_like(lp), 1))
+        return LogSumExp.combine(parts).log()
 
 
 def novelty_weights(
@@ -785,9 +842,9 @@ def novelty_weights(
     dev = _device_of(parts.roots, device)
     budget = _budget(memory_budget, dev)
     with _evaluating(parts.roots):
-        means, log_var = _train_posteriors(parts, train_x, batch_size, dev)
-        zq = _queries(z, means.shape[1]).to(device=means.device, dtype=torch.float64)
-        res = _novelty_pass(zq, means, log_var, None, n if k is None else k, budget)
+        post = _TrainPosteriors(parts, train_x, batch_size, dev)
+        zq = _queries(z, post.d).to(device=post.device, dtype=torch.float64)
+        res = _novelty_pass(zq, post, None, n if k is None else k, budget)
     return res.top_w, res.top_i
 
 
@@ -867,9 +924,9 @@ def novelty_diagnostics(
     dev = _device_of(parts.roots, device)
     budget = _budget(memory_budget, dev)
     with _evaluating(parts.roots):
-        means, log_var = _train_posteriors(parts, train_x, batch_size, dev)
-        zq = _queries(z, means.shape[1]).to(means.device)
-        res = _novelty_pass(zq.double(), means, log_var, train_x, None, budget)
+        post = _TrainPosteriors(parts, train_x, batch_size, dev)
+        zq = _queries(z, post.d).to(post.device)
+        res = _novelty_pass(zq.double(), post, train_x, None, budget)
         x_shape = train_x.shape[1:]
         outs = []
         for i in range(0, zq.shape[0], batch_size):
@@ -942,9 +999,16 @@ def novelty_report(
         test_x = _data_tensor(test_x, "test_x")
         source = "posterior"
         with _evaluating(parts.roots):
-            mean, log_var = _encode_all(parts.encode, test_x, batch_size, dev)
-            eps = torch.randn(mean.shape, dtype=mean.dtype, device=mean.device, generator=generator)
-            z = mean + torch.exp(0.5 * log_var) * eps
+            draws = []
+            for i in range(0, test_x.shape[0], batch_size):
+                xb = test_x[i : i + batch_size]
+                q = parts.encode(xb.to(dev) if dev is not None else xb)
+                if q.is_gaussian:
+                    eps = torch.randn(q.mean.shape, dtype=q.mean.dtype, device=q.mean.device, generator=generator)
+                    draws.append(q.mean + torch.exp(0.5 * q.log_var) * eps)
+                else:  # torch.distributions draw from torch's global generator
+                    draws.append(q.distribution.sample())
+            z = torch.cat(draws)
     else:
         source = "prior"
         n_samples = _checks.positive_int(n_samples, "n_samples")

@@ -20,6 +20,7 @@ def sample_mixture(
     shape: torch.Size,
     log_weights: Tensor | None = None,
     generator: torch.Generator | None = None,
+    index: Tensor | None = None,
 ) -> Tensor:
     r"""Draws ``[*shape, d]`` samples from a Gaussian mixture in O(samples x d) memory.
 
@@ -33,12 +34,15 @@ def sample_mixture(
         shape: the sample shape.
         log_weights: ``[N]`` unnormalised log-weights, or ``None`` for uniform.
         generator: an optional :class:`torch.Generator` for reproducible draws.
+        index: the component of each sample, ``[shape.numel()]``, when already chosen.
     """
     n, d = means.shape
     count = shape.numel()
     if count == 0:
         return means.new_zeros(*shape, d)
-    if log_weights is None:
+    if index is not None:
+        j = index
+    elif log_weights is None:
         j = torch.randint(n, (count,), device=means.device, generator=generator)
     else:
         probs = torch.softmax(log_weights.detach(), 0)

@@ -119,8 +119,7 @@ def build_model(args: argparse.Namespace, splits: Splits, device: torch.device |
 
 
 def _posterior_latents(elbo: ExemplarELBO, x: Tensor, n: int) -> Tensor:
-    mean, log_var = elbo.encode(x)
-    return mean + (0.5 * log_var).exp() * torch.randn(n, *mean.shape, dtype=mean.dtype, device=mean.device)
+    return elbo.encode(x).rsample(n)[0]
 
 
 def _around_exemplars(elbo: ExemplarELBO, x: Tensor, n: int) -> Tensor:
