@@ -105,7 +105,9 @@ def test_elbo_trains_encoder_and_log_var_not_the_coreset():
     prior = PseudocoresetPrior.from_data(data, n_pseudo=5)
     elbo = vp.ExemplarELBO(enc, lambda z: Bernoulli(logits=dec_net(z)), prior)
     assert [n for n, _ in prior.named_parameters()] == ["log_var"]
-    assert {"pseudo_inputs", "weights"} <= {n for n, _ in prior.named_buffers()}
+    # Prior state, saved like buffers, but no buffer: DDP must not broadcast it.
+    assert {"pseudo_inputs", "weights"} <= set(prior.state_dict())
+    assert not {"pseudo_inputs", "weights"} & {n for n, _ in prior.named_buffers()}
     x = (torch.rand(8, 6) > 0.5).float()
     elbo(x).loss.backward()
     assert prior.log_var.grad is not None and prior.log_var.grad != 0

@@ -104,7 +104,7 @@ def test_training_based_priors_train_and_save(tmp_path, prior):
         w = state["prior.weights"]
         assert bool((w >= 0).all()) and abs(float(w.sum()) - 200) < 1e-3
     if prior == "exemplar-rat":
-        assert state["prior.rat_cache"].shape == (200, 4)
+        assert state["prior.rat.means"].shape == (200, 4)
 
 
 def test_registries_and_hook(tmp_path, monkeypatch):

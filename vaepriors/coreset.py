@@ -20,6 +20,8 @@ from torch import Tensor, nn
 from torch.distributions import Bernoulli, ContinuousBernoulli, Distribution, Independent, Normal
 
 from . import _checks
+from . import distributed as dist
+from .encoder import Location
 from .engine import mixture_log_prob
 from .errors import VAEPriorsError
 from .prior import BasePrior
@@ -177,6 +179,19 @@ class PseudocoresetPrior(BasePrior):
             ``(0, 1)`` for Bernoulli pixels, whose log-likelihood is linear, hence unbounded,
             in the input); ``None`` for no bound.
         backend: engine backend for the log-density.
+        location: ``posterior -> [*batch, d]`` point per pseudo-input for posterior
+            families without a mean (``None``: :func:`~vaepriors.encoder.default_location`).
+        process_group: the group the coreset update communicates in under torch.distributed
+            (``None``: the default group).
+        sync: communicate under torch.distributed at all (``False``: every rank on its own).
+
+    Under torch.distributed (world size > 1) :meth:`update_coreset` is computed over all
+    ranks' data: the latents are drawn on rank 0 and broadcast, each rank's batch
+    log-likelihoods are summed across ranks (the batch scale is N over the global batch),
+    so every rank applies the same step and the coreset stays identical everywhere. Every
+    rank must call it, with its own share of the data (e.g. a loader with a
+    ``DistributedSampler``) or the whole set as a tensor (each rank then takes its part of
+    every shuffled batch).
 
     Example:
         >>> enc = lambda x: (x[..., :2], torch.zeros_like(x[..., :2]))
@@ -206,6 +221,9 @@ class PseudocoresetPrior(BasePrior):
         lr_inputs: float = 1e-3,
         input_range: tuple[float, float] | None = None,
         backend: str = "auto",
+        location: Location | None = None,
+        process_group: Any = None,
+        sync: bool = True,
     ) -> None:
         super().__init__(latent_dim)
         u = _checks.floating(pseudo_inputs, "pseudo_inputs")
@@ -245,17 +263,24 @@ class PseudocoresetPrior(BasePrior):
         self.lr_inputs = float(lr_inputs)
         self.backend = backend
         self.log_var = nn.Parameter(torch.tensor(float(init_log_var), dtype=u.dtype, device=u.device))
+        if location is not None and not callable(location):
+            raise VAEPriorsError(f"`location` must be callable or None, got {type(location).__name__}")
+        self.location = location
+        self.process_group = process_group
+        self.sync = bool(sync)
         u = u.detach().clone()
-        self.register_buffer("pseudo_inputs", u)
-        self.register_buffer("weights", w.clone())
-        # N, a buffer so that it round-trips exactly (0-d; follows the module's dtype).
-        self.register_buffer("weight_sum", torch.tensor(n, dtype=u.dtype, device=u.device))
+        # Prior state, not buffers: identical on every rank by construction of the update
+        # (computed over all ranks' data), so DDP has nothing to broadcast.
+        self.register_state("pseudo_inputs", u)
+        self.register_state("weights", w.clone())
+        # N, kept as a tensor so that it round-trips exactly (0-d; follows the module's dtype).
+        self.register_state("weight_sum", torch.tensor(n, dtype=u.dtype, device=u.device))
         # Adam state of the coreset update: first and second moments and the step count.
-        self.register_buffer("adam_step", torch.zeros((), dtype=torch.long, device=u.device))
-        self.register_buffer("adam_m_weights", torch.zeros_like(w))
-        self.register_buffer("adam_v_weights", torch.zeros_like(w))
-        self.register_buffer("adam_m_inputs", torch.zeros_like(u))
-        self.register_buffer("adam_v_inputs", torch.zeros_like(u))
+        self.register_state("adam_step", torch.zeros((), dtype=torch.long, device=u.device))
+        self.register_state("adam_m_weights", torch.zeros_like(w))
+        self.register_state("adam_v_weights", torch.zeros_like(w))
+        self.register_state("adam_m_inputs", torch.zeros_like(u))
+        self.register_state("adam_v_inputs", torch.zeros_like(u))
         self._schedule: tuple | None = None
 
     # -- construction --------------------------------------------------------------------
@@ -323,10 +348,16 @@ class PseudocoresetPrior(BasePrior):
     # The state holds tensors only (it saves anywhere, e.g. safetensors); the update's
     # settings (lr_*, input_range) are the constructor's, as for any module.
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        # Checked before anything is copied, so a refused state leaves the prior as it was.
+        w = state_dict.get(prefix + "weights")
+        if isinstance(w, Tensor):
+            if not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or not float(w.double().sum()) > 0:
+                raise VAEPriorsError("the loaded `weights` must be finite, >= 0 and have a positive sum")
+            if w.shape != self.weights.shape:
+                raise VAEPriorsError(
+                    f"the state holds {w.shape[0] if w.dim() else 0} pseudo-inputs; this prior has {self.n_pseudo}"
+                )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        w = self.weights
-        if not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or not float(w.double().sum()) > 0:
-            raise VAEPriorsError("the loaded `weights` must be finite, >= 0 and have a positive sum")
 
     @property
     def n_total(self) -> float:
@@ -346,7 +377,7 @@ class PseudocoresetPrior(BasePrior):
     def components(self) -> tuple[Tensor, Tensor]:
         r"""``(means [M, d], log_var [])``: the encoder means at the pseudo-inputs (with
         gradients into the encoder) and the shared :math:`\log\sigma^2`."""
-        return self.encode(self.pseudo_inputs)[0], self.log_var
+        return self.encode(self.pseudo_inputs).location(self.location), self.log_var
 
     def _log_prob(self, z: Tensor, index: Tensor | None) -> Tensor:
         means, log_var = self.components()
@@ -361,7 +392,7 @@ class PseudocoresetPrior(BasePrior):
         # Choose the components first, then encode only the chosen pseudo-inputs.
         j = torch.multinomial(self.weights, count, replacement=True)
         chosen, inverse = torch.unique(j, return_inverse=True)
-        means = self.encode(u[chosen])[0][inverse]
+        means = self.encode(u[chosen]).location(self.location)[inverse]
         eps = torch.randn_like(means)
         return (means + torch.exp(0.5 * self.log_var) * eps).reshape(*shape, means.shape[-1])
 

@@ -13,9 +13,13 @@ from torch import Tensor, nn
 from torch.distributions import Distribution
 
 from . import _checks
-from .engine import knn, mixture_log_prob
+from . import distributed as dist
+from .encoder import Location, Posterior
+from .engine import LogSumExp, mixture_logsumexp
 from .errors import VAEPriorsError
+from .exemplar_set import ExemplarSet
 from .prior import BasePrior
+from .rat import RetrievalCache, sharded_knn
 
 __all__ = ["ExemplarPrior", "decoded_input"]
 
@@ -126,51 +130,15 @@ def _version(t: Tensor) -> int:
         return -1
 
 
-def _as_exemplars(data: Any, name: str = "data") -> Tensor:
-    """A floating tensor [N, *input_shape] (N >= 1) from a tensor or a Dataset of x / (x, y)."""
-    if isinstance(data, torch.utils.data.TensorDataset):
-        data = data.tensors[0]
-    if not isinstance(data, Tensor):
-        if not (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
-            raise VAEPriorsError(
-                f"`{name}` must be a tensor [N, *input_shape] or a Dataset of x or (x, y) items, "
-                f"got {type(data).__name__}"
-            )
-        items = []
-        for i in range(len(data)):
-            item = data[i]
-            if isinstance(item, (tuple, list)):
-                if len(item) == 0:
-                    raise VAEPriorsError(f"`{name}`[{i}] is an empty tuple; expected x or (x, y)")
-                item = item[0]
-            item = torch.as_tensor(item)
-            if items and item.shape != items[0].shape:
-                raise VAEPriorsError(
-                    f"`{name}` items must all have one shape; item 0 has {tuple(items[0].shape)}, "
-                    f"item {i} has {tuple(item.shape)}"
-                )
-            items.append(item)
-        if not items:
-            raise VAEPriorsError(f"`{name}` must hold at least one exemplar, got an empty dataset")
-        data = torch.stack(items)
-    data = _checks.floating(data, name)
-    if data.dim() < 2:
-        raise VAEPriorsError(
-            f"`{name}` must have shape [N, *input_shape] with at least one input dimension, got "
-            f"{tuple(data.shape)} (for scalar inputs use data[:, None])"
-        )
-    if data.shape[0] == 0:
-        raise VAEPriorsError(f"`{name}` must hold at least one exemplar, got shape {tuple(data.shape)}")
-    return data
-
-
 class ExemplarPrior(BasePrior):
     r"""The Exemplar VAE prior: a uniform mixture of isotropic Gaussians centred on the
-    encoder means of N exemplars, with one shared, learnable variance.
+    encoder's points of N exemplars, with one shared, learnable variance.
 
     .. math:: p(z \mid X) = \frac1N \sum_{n=1}^N \mathcal N(z;\ \mu_\phi(x_n),\ \sigma^2 I)
 
-    The means come from the bound encoder's *mean* (its variance is not used), so the
+    :math:`\mu_\phi(x_n)` is a point of the encoder's posterior at exemplar :math:`x_n`: its
+    mean for a Gaussian (its variance is not used) or any family with a mean, else the
+    ``location`` function's point (see :func:`~vaepriors.encoder.default_location`), so the
     encoder learns through the prior too. ``log_var`` is :math:`\log\sigma^2`.
 
     **Training mode** (``prior.train()``, the default) gives the paper's training objectives
@@ -187,20 +155,22 @@ class ExemplarPrior(BasePrior):
     * RAT (``k``): each z is compared with its k nearest exemplars (exact kNN in a cache of
       latent means, within the subset when subsampling), which are re-encoded with gradients;
       the normaliser stays :math:`N-1` (or :math:`M`), so it is a lower bound of the objective
-      above, whatever the cache holds. The cache is built at first use, updated with every
-      mean computed (the retrieved ones, and the batch's via :meth:`observe`), and fully
-      refreshed every ``refresh_every`` calls of :meth:`on_epoch_end`.
+      above, whatever the cache holds. The cache (:class:`~vaepriors.rat.RetrievalCache`,
+      ``prior.rat``) is built at first use, updated with every mean computed (the retrieved
+      ones, and the batch's via :meth:`observe`), and fully refreshed every
+      ``refresh_every`` calls of :meth:`on_epoch_end`.
 
     Without ``index`` (or for rows whose index is ``-1``) nothing is left out: the z is taken
     not to come from an exemplar (e.g. exemplars are half of the training set, as in the
     paper, and this point is in the other half). Pass ``index`` whenever the exemplars
-    include the training point, or the prior memorises it.
+    include the training point, or the prior memorises it;
+    :class:`~vaepriors.exemplar_set.IndexedDataset` makes a DataLoader yield it.
 
     **Evaluation mode** (``prior.eval()``) is the exact density over all N exemplars (no
     leave-one-out, ``index`` ignored), computed by the engine within ``memory_budget``. The N
     means are encoded once (no gradients) and cached; the cache is recomputed when the mode
-    switches, the exemplars change (:meth:`set_exemplars`, ``to()``, in-place edits) or any
-    of the encoder's tensors changes (their version counters: optimiser steps,
+    switches, the exemplars change (:meth:`set_exemplars`, in-place edits) or any of the
+    encoder's tensors changes (their version counters: optimiser steps,
     ``load_state_dict``). Tensors are found as the parameters and buffers of an
     ``nn.Module`` encoder (or of the module of a bound method), else as the modules and
     tensors the callable reaches (its closure, the globals it names, ``functools.partial``
@@ -208,11 +178,28 @@ class ExemplarPrior(BasePrior):
     is found the means are not cached. Edits through ``.data`` bypass version counters:
     call :meth:`invalidate_cache` after those.
 
+    **Exemplars as stored** (:class:`~vaepriors.exemplar_set.ExemplarSet`): the set is kept
+    in its own dtype (uint8 images stay uint8; ``transform`` turns each encoded chunk into
+    inputs, by default scaling uint8 to [0, 1]), a Dataset is read chunk by chunk through a
+    DataLoader and never stacked, and ``storage_device="cpu"`` keeps the set on the CPU
+    while the model is on a GPU (only the chunks being encoded move). The set is not a
+    buffer: ``state_dict`` omits it and DDP never broadcasts it.
+
+    **Several processes** (torch.distributed initialised, world size > 1; see
+    :mod:`vaepriors.distributed`): every rank draws the same subsets (a generator synchronised
+    from rank 0 at first use), RAT cache writes of all ranks are merged so the caches stay
+    identical, and the evaluation means and cache refreshes are encoded a slice per rank.
+    With ``shard=True`` each rank holds only its contiguous block of the N exemplars (their
+    means and cache rows): ``log_prob`` gathers the queries of all ranks, reduces each over
+    the local block and combines the partial log-sum-exps exactly, so values are those of
+    one process over all N, and gradients (after DDP's averaging) too; leave-one-out,
+    subsampling and RAT's kNN (per-shard top-k, merged) stay exact across shards. Every rank
+    must then call ``log_prob`` (and the prior's hooks) the same number of times.
+
     Arguments:
-        data: the exemplars: a tensor ``[N, *input_shape]`` or a Dataset of ``x`` or
-            ``(x, y)`` items (stacked into a tensor). They may differ from the training
-            inputs (e.g. grey-level exemplars for binarised training data). Kept as a
-            non-persistent buffer: ``to(device)`` moves it, ``state_dict`` omits it.
+        data: the exemplars: a tensor ``[N, *shape]`` of any real dtype, or a Dataset of
+            ``x`` or ``(x, y)`` items. They may differ from the training inputs (e.g.
+            grey-level exemplars for binarised training data).
         latent_dim: the size d of z; inferred from the encoder when omitted.
         n_subsample: M, exemplars per training call (``1 <= M <= N - 1``), or ``None`` for
             leave-one-out over all of them. The paper uses about N/2.
@@ -221,10 +208,20 @@ class ExemplarPrior(BasePrior):
         init_log_var: initial :math:`\log\sigma^2`.
         chunk_size: exemplars encoded per encoder call.
         generator: a :class:`torch.Generator` or an int seed for the subsets and samples
-            (``None``: torch's global generator).
+            (``None``: torch's global generator; a private one, seeded from rank 0, under
+            torch.distributed).
         backend: engine backend (see :func:`~vaepriors.engine.mixture_log_prob`).
         memory_budget: bytes the engine may use for temporaries.
         progress: show a progress bar when encoding all exemplars (``None``: when N >= 50000).
+        transform: stored chunk -> encoder inputs (default: uint8 / 255, others cast to the
+            prior's dtype); see :class:`~vaepriors.exemplar_set.ExemplarSet`.
+        storage_device: keep a tensor set on this device (``None``: it follows ``.to()``).
+        num_workers: DataLoader workers when ``data`` is a Dataset.
+        location: ``posterior -> [*batch, d]`` point per exemplar for posterior families
+            without a mean (``None``: :func:`~vaepriors.encoder.default_location`).
+        shard: hold only this rank's block of the exemplars (under torch.distributed).
+        process_group: the group to communicate in (``None``: the default group).
+        sync: communicate under torch.distributed at all (``False``: every rank on its own).
 
     Example:
         >>> enc = nn.Linear(5, 4)
@@ -256,21 +253,32 @@ class ExemplarPrior(BasePrior):
         backend: str = "auto",
         memory_budget: int | None = None,
         progress: bool | None = None,
+        transform: Callable[[Tensor], Tensor] | None = None,
+        storage_device: torch.device | str | None = None,
+        num_workers: int = 0,
+        location: Location | None = None,
+        shard: bool = False,
+        process_group: Any = None,
+        sync: bool = True,
     ) -> None:
         super().__init__(latent_dim)
-        x = _as_exemplars(data)
+        exemplars = ExemplarSet(data, transform, device=storage_device, num_workers=num_workers)
         self.n_subsample = None if n_subsample is None else _checks.positive_int(n_subsample, "n_subsample")
         self.k = None if k is None else _checks.positive_int(k, "k")
-        self._check_sizes(x.shape[0])
+        self._check_sizes(len(exemplars))
         self.refresh_every = _checks.positive_int(refresh_every, "refresh_every")
         self.chunk_size = _checks.positive_int(chunk_size, "chunk_size")
-        if not math.isfinite(float(init_log_var)):
+        try:
+            init_log_var = float(init_log_var)
+        except (TypeError, ValueError):
+            raise VAEPriorsError(f"`init_log_var` must be a finite number, got {init_log_var!r}") from None
+        if not math.isfinite(init_log_var):
             raise VAEPriorsError(f"`init_log_var` must be finite, got {init_log_var}")
-        self.log_var = nn.Parameter(torch.tensor(float(init_log_var)))
-        self.register_buffer("exemplars", x, persistent=False)
-        if self.k is not None:
-            # Persistent: a trained model's cache survives state_dict; [0, 0] until built.
-            self.register_buffer("rat_cache", torch.zeros(0, 0))
+        if location is not None and not callable(location):
+            raise VAEPriorsError(f"`location` must be callable or None, got {type(location).__name__}")
+        self.location = location
+        self.log_var = nn.Parameter(torch.tensor(init_log_var))
+        self.rat = RetrievalCache(self.k, self.refresh_every) if self.k is not None else None
         if isinstance(generator, int) and not isinstance(generator, bool):
             generator = torch.Generator().manual_seed(generator)
         elif generator is not None and not isinstance(generator, torch.Generator):
@@ -279,22 +287,70 @@ class ExemplarPrior(BasePrior):
         self.backend = backend
         self.memory_budget = memory_budget
         self.progress = progress
+        self.process_group = process_group
+        self.sync = bool(sync)
+        self.shard = bool(shard)
         self.last_subset: Tensor | None = None
-        self.last_neighbours: Tensor | None = None
         self._eval_cache: tuple | None = None
         self._leaves: tuple | None = None
-        self._epochs_since_refresh = 0
+        self._synced_generator: object = None
+        self._use(exemplars)
+
+    def _use(self, exemplars: ExemplarSet) -> None:
+        """Holds ``exemplars`` (this rank's block of them when sharded)."""
+        n = len(exemplars)
+        comm = self._comm() if self.shard else None
+        self._n_total = n
+        self._offset = 0
+        if comm is not None:
+            start, stop = dist.shard_range(n, comm.rank, comm.world_size)
+            exemplars = exemplars.subset(start, stop)
+            self._offset = start
+        self._set = exemplars
 
     # -- the exemplar set --------------------------------------------------------------
     @property
     def n_exemplars(self) -> int:
-        r"""N, the number of exemplars."""
-        return self.exemplars.shape[0]
+        r"""N, the number of exemplars (over all ranks when sharded)."""
+        return self._n_total
+
+    @property
+    def n_local(self) -> int:
+        r"""The exemplars this process holds: N, or its shard's size."""
+        return len(self._set)
+
+    @property
+    def exemplar_set(self) -> ExemplarSet:
+        r"""The :class:`~vaepriors.exemplar_set.ExemplarSet` this process holds."""
+        return self._set
+
+    @property
+    def exemplars(self) -> Tensor | torch.utils.data.Dataset:
+        r"""The stored exemplars this process holds, as given (a tensor or a Dataset)."""
+        return self._set.storage
 
     @property
     def input_shape(self) -> torch.Size:
-        r"""The shape of one exemplar."""
-        return self.exemplars.shape[1:]
+        r"""The shape of one encoder input made from an exemplar."""
+        return self._example_input().shape[1:]
+
+    @property
+    def rat_cache(self) -> Tensor:
+        r"""The RAT cache of latent means, ``[n_local, d]`` (``[0, 0]`` until built)."""
+        if self.rat is None:
+            raise VAEPriorsError("this prior has no RAT cache (construct it with `k`)")
+        return self.rat.means
+
+    @property
+    def last_neighbours(self) -> Tensor | None:
+        r"""The exemplars retrieved for each z by the last RAT call, ``[*batch, k]``."""
+        return None if self.rat is None else self.rat.last_neighbours
+
+    def _comm(self) -> dist.Comm | None:
+        return dist.comm(self.process_group, enabled=self.sync)
+
+    def _shard_comm(self) -> dist.Comm | None:
+        return self._comm() if self.shard else None
 
     def _check_sizes(self, n: int) -> None:
         m, k = self.n_subsample, self.k
@@ -313,61 +369,84 @@ class ExemplarPrior(BasePrior):
         r"""Swaps in another exemplar set (e.g. a larger one for generation after training);
         returns ``self``.
 
-        The new set must have the same input shape; it is moved to the current device and
-        dtype. The evaluation cache is dropped and the RAT cache resized (rebuilt now if it
-        was built).
+        The new set must give inputs of the same shape; it keeps this prior's transform,
+        storage device and workers. The evaluation cache is dropped and the RAT cache
+        resized (rebuilt now if it was built).
 
         Arguments:
-            data: a tensor ``[N', *input_shape]`` or a Dataset, as for the constructor.
+            data: a tensor ``[N', *shape]`` or a Dataset, as for the constructor.
         """
-        x = _as_exemplars(data)
-        if x.shape[1:] != self.input_shape:
+        old = self._set
+        new = ExemplarSet(data, old.transform, device=old.storage.device if old.pinned else None,
+                          num_workers=old.num_workers)
+        if new.is_tensor and old.is_tensor and not old.pinned:
+            new.storage = new.storage.to(old.storage.device)
+        shape = new.first(self.log_var.dtype, self.log_var.device).shape[1:]
+        if shape != self.input_shape:
             raise VAEPriorsError(
-                f"`data` must have exemplars of shape {tuple(self.input_shape)} like the current set, "
-                f"got [N, *input_shape] = {tuple(x.shape)}"
+                f"`data` must give exemplars of shape {tuple(self.input_shape)} like the current set, "
+                f"got {tuple(shape)}"
             )
-        self._check_sizes(x.shape[0])
-        was_built = self.k is not None and self._cache_built()
-        self.exemplars = x.to(self.exemplars)
+        self._check_sizes(len(new))
+        was_built = self.rat is not None and self._cache_built()
+        self._use(new)
         self.invalidate_cache()
-        if self.k is not None:
-            self.rat_cache = self.rat_cache.new_zeros(0, 0)
+        if self.rat is not None:
+            self.rat.clear()
             if was_built:
                 self.refresh_cache()
         return self
 
-    # -- encoding ----------------------------------------------------------------------
-    def _encode(self, x: Tensor, progress: bool = False) -> Tensor:
-        """Encoder means of inputs ``[n, *input_shape]`` -> ``[n, d]``, in chunks."""
-        n, cs = x.shape[0], self.chunk_size
-        starts = range(0, max(n, 1), cs)  # an empty input still gives [0, d]
-        if progress:
-            from tqdm.auto import tqdm
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
+        super()._apply(fn, recurse)
+        self._set.to_device_of(fn)  # device only: the stored dtype is kept
+        return self
 
-            starts = tqdm(starts, desc="encoding exemplars", unit="chunk", leave=False)
-        parts = []
-        for s in starts:
-            mean, _ = self.encode(x[s : s + cs])
-            rows = max(min(cs, n - s), 0)
-            if mean.shape != (rows, self._latent_dim):
-                raise VAEPriorsError(
-                    f"`encoder` must map exemplars [n, *input_shape] = {(rows, *x.shape[1:])} to means "
-                    f"[n, d]; got {tuple(mean.shape)}"
-                )
-            parts.append(mean)
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+    # -- encoding ----------------------------------------------------------------------
+    def _points(self, x: Tensor) -> Tensor:
+        """The encoder's points (means) of inputs ``x`` ``[n, ...]`` -> ``[n, d]``."""
+        point = self.encode(x).location(self.location)
+        if point.shape != (x.shape[0], self._latent_dim):
+            raise VAEPriorsError(
+                f"`encoder` must map exemplars [n, *input_shape] = {tuple(x.shape)} to points "
+                f"[n, d]; got {tuple(point.shape)}"
+            )
+        return point
 
     def exemplar_means(self, index: Tensor | None = None, *, progress: bool = False) -> Tensor:
-        r"""Encoder means of the exemplars ``index`` (all when ``None``), ``[len(index), d]``,
-        with gradients where enabled; ``progress`` shows a bar when N is large."""
-        x = self.exemplars if index is None else self.exemplars[index.to(self.exemplars.device)]
-        return self._encode(x, progress=progress and self._show_progress())
+        r"""Encoder points of this process's exemplars ``index`` (local positions; all when
+        ``None``), ``[len(index), d]``, with gradients where enabled; ``progress`` shows a
+        bar when N is large."""
+        p = self.log_var
+        if self._latent_dim is None:
+            self.latent_dim  # noqa: B018 (encodes one exemplar to learn d)
+        chunks = self._set.chunks(self.chunk_size, p.dtype, p.device, index)
+        if progress and self._show_progress():
+            from tqdm.auto import tqdm
+
+            n = self.n_local if index is None else index.numel()
+            chunks = tqdm(chunks, total=-(-n // self.chunk_size), desc="encoding exemplars", unit="chunk", leave=False)
+        parts = [self._points(x) for x in chunks]
+        if not parts:
+            return p.new_zeros(0, self._latent_dim)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _all_means(self) -> Tensor:
+        """The points of all exemplars this process holds, without gradients; replicated
+        priors under torch.distributed encode a slice per rank and gather them."""
+        comm = None if self.shard else self._comm()
+        with torch.no_grad():
+            if comm is None:
+                return self.exemplar_means(progress=True)
+            start, stop = dist.shard_range(self.n_local, comm.rank, comm.world_size)
+            mine = self.exemplar_means(torch.arange(start, stop), progress=True)
+            return dist.all_gather_rows(mine, comm, "ExemplarPrior: gathering the encoded exemplars")[0]
 
     def _show_progress(self) -> bool:
-        return self.n_exemplars >= 50_000 if self.progress is None else bool(self.progress)
+        return self.n_local >= 50_000 if self.progress is None else bool(self.progress)
 
     def _example_input(self) -> Tensor:
-        return self.exemplars[:1]
+        return self._set.first(self.log_var.dtype, self.log_var.device)
 
     # -- evaluation cache --------------------------------------------------------------
     def _encoder_tensors(self) -> list[Tensor]:
@@ -380,8 +459,8 @@ class ExemplarPrior(BasePrior):
             return [*owner.parameters(), *owner.buffers()]
         if self._leaves is None or self._leaves[0] is not enc:
             with torch.enable_grad():
-                mean, _ = self.encode(self._example_input())
-            found = {id(t): t for t in (*_reachable_tensors(enc), *_graph_leaves(mean))}
+                point = self._points(self._example_input())
+            found = {id(t): t for t in (*_reachable_tensors(enc), *_graph_leaves(point))}
             self._leaves = (enc, list(found.values()))
         return self._leaves[1]
 
@@ -395,7 +474,10 @@ class ExemplarPrior(BasePrior):
         return (
             id(self.encoder),
             getattr(owner, "training", None),  # dropout or batch norm switched by hand
-            _version(self.exemplars),
+            id(self._set.storage),
+            self._set.version(),
+            self.log_var.dtype,
+            self.log_var.device,
             tuple((id(t), t.data_ptr(), _version(t)) for t in tensors),
         )
 
@@ -406,11 +488,10 @@ class ExemplarPrior(BasePrior):
     def _eval_means(self) -> Tensor:
         key = self._cache_key()
         c = self._eval_cache
-        if key is not None and c is not None and c[0]() is self.exemplars and c[1] == key:
+        if key is not None and c is not None and c[0]() is self._set.storage and c[1] == key:
             return c[2]
-        with torch.no_grad():
-            means = self.exemplar_means(progress=True)
-        self._eval_cache = None if key is None else (weakref.ref(self.exemplars), key, means)
+        means = self._all_means()
+        self._eval_cache = None if key is None else (weakref.ref(self._set.storage), key, means)
         return means
 
     def train(self, mode: bool = True) -> "ExemplarPrior":
@@ -421,65 +502,58 @@ class ExemplarPrior(BasePrior):
 
     # -- RAT cache ---------------------------------------------------------------------
     def _cache_built(self) -> bool:
-        return self.rat_cache.shape == (self.n_exemplars, self._latent_dim)
+        return self.rat.built(self.n_local, self._latent_dim)
 
     def refresh_cache(self) -> None:
-        r"""Recomputes the RAT cache of all N latent means (no gradients)."""
-        if self.k is None:
+        r"""Recomputes the RAT cache of all latent means (no gradients)."""
+        if self.rat is None:
             raise VAEPriorsError("refresh_cache() needs a RAT prior (construct it with `k`)")
-        with torch.no_grad():
-            self.rat_cache = self.exemplar_means(progress=True).detach().clone()
-        self._epochs_since_refresh = 0
+        self.rat.fill(self._all_means())
 
     def _ensure_cache(self) -> Tensor:
         if self._latent_dim is None:
             self.latent_dim  # noqa: B018 (encodes one exemplar to learn d)
         if not self._cache_built():
             self.refresh_cache()
-        return self.rat_cache
+        return self.rat.means
 
-    def observe(self, mean: Tensor, index: Tensor) -> None:
-        r"""Writes the encoder means ``[B, d]`` of exemplars ``index`` ``[B]`` into the RAT
-        cache (a no-op without RAT or before the cache is built).
+    def observe(self, posterior: Posterior | Tensor, index: Tensor) -> None:
+        r"""Writes the encoder points of training points ``index`` ``[B]`` (from their
+        posteriors, or given as means ``[B, d]``) into the RAT cache (a no-op without RAT
+        or before the cache is built). Under torch.distributed the writes of all ranks are
+        merged at the next RAT ``log_prob``.
 
-        :class:`~vaepriors.ExemplarELBO` calls it with the means of the training batch; when
-        the exemplars differ from the training inputs (grey-level vs binarised), those stand
+        :class:`~vaepriors.ExemplarELBO` calls it with the training batch; when the
+        exemplars differ from the training inputs (grey-level vs binarised), those stand
         in for the exemplars' own until retrieved or refreshed. Any cache content keeps the
         RAT objective a lower bound; only which neighbours are found depends on it."""
-        if self.k is None or not self._cache_built():
+        if self.rat is None or not self._cache_built():
             return
+        if isinstance(posterior, Posterior):
+            with torch.no_grad():
+                mean = posterior.location(self.location)
+        else:
+            mean = posterior
         mean = _checks.latent(mean, self._latent_dim, "mean")
         if mean.dim() != 2:
             raise VAEPriorsError(f"`mean` must have shape [B, d], got {tuple(mean.shape)}")
         index = _checks.index(index, mean.shape[:1], self.n_exemplars, "index")
         keep = index >= 0
-        with torch.no_grad():
-            self.rat_cache[index[keep].to(self.rat_cache.device)] = mean[keep].detach().to(self.rat_cache)
+        self.rat.write(index[keep], mean[keep], self._offset, share=self._comm() is not None)
 
     def on_epoch_end(self, epoch: int) -> None:
         r"""Refreshes the RAT cache fully every ``refresh_every`` calls (if it is built)."""
-        if self.k is None:
-            return
-        self._epochs_since_refresh += 1
-        if self._epochs_since_refresh >= self.refresh_every and self._cache_built():
+        if self.rat is not None and self.rat.epoch_ended() and self._cache_built():
             self.refresh_cache()
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        # The RAT cache is [0, 0] until built: take the stored shape when it fits this set.
-        key = prefix + "rat_cache"
-        if self.k is not None and key in state_dict:
-            t = state_dict[key]
-            if isinstance(t, Tensor) and t.dim() == 2 and t.shape[0] in (0, self.n_exemplars):
-                self.rat_cache = torch.empty(t.shape, dtype=self.rat_cache.dtype, device=self.rat_cache.device)
-                if t.shape[0] and self._latent_dim is None:
-                    self._latent_dim = t.shape[1]
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def get_extra_state(self) -> dict:
         r"""What :meth:`state_dict` holds besides tensors (key ``_extra_state``): the private
         generator's state, so that a restored prior draws the subsets and samples the saved
-        one would have drawn next, and the epochs since the last RAT refresh."""
-        state: dict = {"epochs_since_refresh": self._epochs_since_refresh}
+        one would have drawn next, the epochs since the last RAT refresh, and the number of
+        exemplars (checked on load)."""
+        state: dict = {"n_exemplars": self.n_exemplars, "n_local": self.n_local}
+        if self.rat is not None:
+            state["epochs_since_refresh"] = self.rat.epochs_since_refresh
         if self.generator is not None:
             state["generator"] = self.generator.get_state()
         return state
@@ -487,20 +561,51 @@ class ExemplarPrior(BasePrior):
     def set_extra_state(self, state: dict) -> None:
         r"""Restores :meth:`get_extra_state`'s dict (a generator state only where this prior
         has a generator of its own)."""
-        self._epochs_since_refresh = int(state.get("epochs_since_refresh", 0))
+        if self.rat is not None:
+            self.rat.epochs_since_refresh = int(state.get("epochs_since_refresh", 0))
         if self.generator is not None and state.get("generator") is not None:
             self.generator.set_state(state["generator"])
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        # Checked before anything is copied, so a refused state leaves the prior as it was.
+        extra = state_dict.get(prefix + "_extra_state")
+        if isinstance(extra, dict) and extra.get("n_exemplars", self.n_exemplars) != self.n_exemplars:
+            raise VAEPriorsError(
+                f"the state is of an ExemplarPrior over {extra['n_exemplars']} exemplars; this one holds "
+                f"{self.n_exemplars}: load it into a prior over the same set (or set_exemplars first)"
+            )
+        cache = state_dict.get(prefix + "rat.means")
+        if isinstance(cache, Tensor) and cache.numel() and cache.shape[0] != self.n_local:
+            raise VAEPriorsError(
+                f"the state's RAT cache has {cache.shape[0]} rows; this prior holds {self.n_local} exemplars"
+            )
+        if isinstance(cache, Tensor) and cache.dim() == 2 and cache.numel() and self._latent_dim is None:
+            self._latent_dim = cache.shape[1]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     # -- randomness --------------------------------------------------------------------
     def _draw_device(self) -> torch.device:
-        return self.generator.device if self.generator is not None else self.exemplars.device
+        return self.generator.device if self.generator is not None else self.log_var.device
+
+    def _sync_generator(self, comm: dist.Comm | None) -> None:
+        """Under torch.distributed, makes every rank draw the same subsets: a private
+        generator whose state comes from rank 0 (once per process group)."""
+        if comm is None or self._synced_generator is comm.group:
+            return
+        if self.generator is None:
+            seed = torch.randint(2**62, (1,))
+            dist.broadcast(seed, comm, "ExemplarPrior: seeding the subset generator")
+            self.generator = torch.Generator(device=self.log_var.device).manual_seed(int(seed))
+        else:
+            dist.sync_generator(self.generator, comm, "ExemplarPrior: synchronising the subset generator")
+        self._synced_generator = comm.group
 
     def _randperm(self, n: int) -> Tensor:
-        return torch.randperm(n, generator=self.generator, device=self._draw_device()).to(self.exemplars.device)
+        return torch.randperm(n, generator=self.generator, device=self._draw_device()).to(self.log_var.device)
 
     def _randint(self, high: int, count: int) -> Tensor:
         idx = torch.randint(high, (count,), generator=self.generator, device=self._draw_device())
-        return idx.to(self.exemplars.device)
+        return idx.to(self.log_var.device)
 
     def _randn(self, shape: Sequence[int], like: Tensor) -> Tensor:
         eps = torch.randn(*shape, generator=self.generator, device=self._draw_device(), dtype=like.dtype)
@@ -508,65 +613,131 @@ class ExemplarPrior(BasePrior):
 
     # -- log-density -------------------------------------------------------------------
     def _log_prob(self, z: Tensor, index: Tensor | None) -> Tensor:
-        if not self.training:
-            return mixture_log_prob(
-                z, self._eval_means(), self.log_var, backend=self.backend, memory_budget=self.memory_budget
-            )
-        n, batch = self.n_exemplars, z.shape[:-1]
-        if index is None:
-            own = torch.full(batch, -1, dtype=torch.long, device=z.device)
+        batch, d = z.shape[:-1], z.shape[-1]
+        n, dev = self.n_exemplars, z.device
+        if not self.training or index is None:
+            own = torch.full(batch, -1, dtype=torch.long, device=dev)
         else:
-            own = _checks.index(index, batch, n, "index").to(z.device)
-        m = self.n_subsample
+            own = _checks.index(index, batch, n, "index").to(dev)
+        comm = self._shard_comm()
+        queries, own = z.reshape(-1, d), own.reshape(-1)
+        rows = queries.shape[0]
+        if comm is not None:
+            what = "ExemplarPrior.log_prob: gathering the queries of all ranks"
+            queries, sizes = dist.gather_rows(queries, comm, what)
+            own = dist.all_gather_rows(own, comm, what)[0]
+            start = sum(sizes[: comm.rank])
+        if not self.training:
+            means = self._eval_means()
+            part = mixture_logsumexp(queries, means, self.log_var, backend=self.backend, memory_budget=self.memory_budget)
+            value = self._combine(part, comm) - math.log(n)
+        else:
+            value = self._train_log_prob(queries, own, comm)
+        nb = self.last_neighbours if self.training and self.rat is not None else None
+        if comm is not None:
+            value = value[start : start + rows]
+            nb = None if nb is None else nb[start : start + rows]
+        if nb is not None:
+            self.rat.last_neighbours = nb.reshape(*batch, self.k)
+        return value.reshape(batch)
+
+    def _combine(self, part: LogSumExp, comm: dist.Comm | None) -> Tensor:
+        """The log-sum-exp over all exemplars from this process's partial."""
+        if comm is None:
+            return part.log()
+        return dist.logsumexp_across(part.max, part.sum, comm, "ExemplarPrior.log_prob: combining the shards")
+
+    def _local(self, ids: Tensor | None, excluded: Tensor) -> tuple[Tensor | None, Tensor]:
+        """The local positions of components ``ids`` (global; all when ``None``) that this
+        process holds, and each row's excluded component as a local position (or -1)."""
+        lo, hi = self._offset, self._offset + self.n_local
+        if ids is None:
+            mine = (excluded >= lo) & (excluded < hi)
+            return None, torch.where(mine, excluded - lo, torch.full_like(excluded, -1))
+        held = ids[(ids >= lo) & (ids < hi)] - lo
+        where = torch.full((self.n_local,), -1, dtype=torch.long, device=ids.device)
+        where[held] = torch.arange(held.numel(), device=ids.device)
+        mine = (excluded >= lo) & (excluded < hi)
+        pos = where[torch.where(mine, excluded - lo, torch.zeros_like(excluded))]
+        return held, torch.where(mine, pos, torch.full_like(pos, -1))
+
+    def _train_log_prob(self, z: Tensor, own: Tensor, comm: dist.Comm | None) -> Tensor:
+        n, m = self.n_exemplars, self.n_subsample
         if m is None:
             if n < 2 and bool((own >= 0).any()):
                 raise VAEPriorsError("leave-one-out needs at least 2 exemplars, the prior has N = 1")
-            subset, exclude = None, own
+            ids, excluded = None, own
+            kept = (n - (own >= 0).long()).to(z.dtype)
             self.last_subset = None
         else:
             # A permutation prefix of M + 1: each row drops its own index if among the first
             # M, else the (M+1)-th, which leaves a uniform M-subset of the other exemplars.
-            subset = self._randperm(n)[: m + 1].to(z.device)
+            self._sync_generator(self._comm())
+            ids = self._randperm(n)[: m + 1].to(z.device)
             where = torch.full((n,), -1, dtype=torch.long, device=z.device)
-            where[subset[:m]] = torch.arange(m, device=z.device)
+            where[ids[:m]] = torch.arange(m, device=z.device)
             pos = where[own.clamp_min(0)]
-            exclude = torch.where((own >= 0) & (pos >= 0), pos, torch.full_like(pos, m))
-            self.last_subset = subset
-        if self.k is None:
-            means = self.exemplar_means(subset)
-            return mixture_log_prob(
+            excluded = ids[torch.where((own >= 0) & (pos >= 0), pos, torch.full_like(pos, m))]
+            kept = torch.full_like(z[:, 0], float(m))
+            self.last_subset = ids
+        held, exclude = self._local(ids, excluded)
+        if self.rat is not None:
+            return self._rat_log_prob(z, ids, held, exclude, comm) - kept.log()
+        means = self.exemplar_means(held)
+        if means.shape[0] == 0:  # a shard holding no component of the subset
+            part = LogSumExp(torch.full_like(z[:, 0], -math.inf).detach(), torch.zeros_like(z[:, 0]))
+        else:
+            part = mixture_logsumexp(
                 z, means, self.log_var, exclude=exclude, backend=self.backend, memory_budget=self.memory_budget
             )
-        return self._rat_log_prob(z, subset, exclude, own)
+        return self._combine(part, comm) - kept.log()
 
-    def _rat_log_prob(self, z: Tensor, subset: Tensor | None, exclude: Tensor, own: Tensor) -> Tensor:
+    def _rat_log_prob(
+        self, z: Tensor, ids: Tensor | None, held: Tensor | None, exclude: Tensor, comm: dist.Comm | None
+    ) -> Tensor:
+        rat, lo = self.rat, self._offset
         cache = self._ensure_cache()
-        points = cache if subset is None else cache[subset.to(cache.device)]
-        _, nb = knn(
-            z.detach().to(points.dtype), points, self.k, exclude=exclude.to(points.device),
-            backend=self.backend, memory_budget=self.memory_budget,
-        )
-        nb = nb.to(z.device)
-        ids = nb if subset is None else subset[nb]
-        self.last_neighbours = ids
-        uniq, inv = torch.unique(ids, return_inverse=True)
-        fresh = self.exemplar_means(uniq)
+        rat.merge(self._comm(), lo, "ExemplarPrior: merging the RAT cache writes of all ranks")
+        positions = torch.arange(self.n_local, device=cache.device) if held is None else held.to(cache.device)
+        points = cache if held is None else cache[positions]
+        nb = sharded_knn(
+            z.detach().to(points.dtype), points, positions + lo, self.k, exclude.to(points.device), comm,
+            "ExemplarPrior: merging the neighbours of all shards", backend=self.backend, memory_budget=self.memory_budget,
+        ).to(z.device)  # [rows, k] global ids
+        rat.last_neighbours = nb
+        mine = (nb >= lo) & (nb < lo + self.n_local)  # the neighbours this process holds
+        uniq, inv_mine = torch.unique((nb - lo)[mine], return_inverse=True)
+        inv = torch.zeros_like(nb)
+        inv[mine] = inv_mine
+        fresh = self.exemplar_means(uniq) if uniq.numel() else z.new_zeros(0, z.shape[-1])
         _checks.finite(fresh, "encoder mean")
-        with torch.no_grad():
-            self.rat_cache[uniq.to(cache.device)] = fresh.detach().to(cache)
+        rat.write(uniq + lo, fresh, lo, share=self._comm() is not None and not self.shard)
+        rat.merge(None if self.shard else self._comm(), lo, "ExemplarPrior: merging the RAT cache writes of all ranks")
         d = z.shape[-1]
         log_var = self.log_var.to(z.dtype)
-        sq = (z.unsqueeze(-2) - fresh[inv]).pow(2).sum(-1)  # [*batch, k]
-        # The full mixture's normaliser (not k): a lower bound of the objective without RAT.
-        if subset is None:
-            kept = (self.n_exemplars - (own >= 0).long()).to(z.dtype)
+        if fresh.shape[0]:
+            sq = (z.unsqueeze(-2) - fresh[inv]).pow(2).sum(-1)  # [rows, k]
+            expo = (-0.5 * sq * torch.exp(-log_var)).masked_fill(~mine, -math.inf)
         else:
-            kept = torch.full_like(sq[..., 0], float(self.n_subsample))
-        return torch.logsumexp(-0.5 * sq * torch.exp(-log_var), -1) - 0.5 * d * (math.log(2 * math.pi) + log_var) - kept.log()
+            expo = torch.full_like(nb, -math.inf, dtype=z.dtype)
+        const = -0.5 * d * (math.log(2 * math.pi) + log_var)
+        if comm is None:
+            return torch.logsumexp(expo, -1) + const
+        top = expo.detach().amax(-1)
+        s = torch.exp(expo - torch.where(torch.isinf(top), torch.zeros_like(top), top).unsqueeze(-1)).sum(-1)
+        return dist.logsumexp_across(top, s, comm, "ExemplarPrior.log_prob: combining the RAT shards") + const
 
     # -- sampling ----------------------------------------------------------------------
+    def _check_unsharded(self, what: str) -> None:
+        if self._shard_comm() is not None:
+            raise VAEPriorsError(
+                f"{what} needs every exemplar, and this sharded prior holds {self.n_local} of {self.n_exemplars} "
+                "on this rank: sample from an unsharded prior (e.g. built on rank 0 with sync=False)"
+            )
+
     def _draw(self, shape: torch.Size) -> tuple[Tensor, Tensor]:
         self.encoder  # noqa: B018 (raises the "needs the encoder" error when unbound)
+        self._check_unsharded("sampling")
         d = self.latent_dim
         count = shape.numel()
         j = self._randint(self.n_exemplars, count)
@@ -594,25 +765,29 @@ class ExemplarPrior(BasePrior):
 
     def sample_around(self, exemplars: Tensor, sample_shape: int | Sequence[int] = ()) -> Tensor:
         r"""Exemplar-conditioned latents :math:`z \sim \mathcal N(\mu(x_b), \sigma^2 I)` around
-        given inputs (any inputs of the exemplars' shape, not only the prior's set).
+        given encoder inputs (any inputs of the exemplars' input shape, not only the set's).
 
         Gradients flow to the encoder and ``log_var`` where enabled.
 
         Arguments:
-            exemplars: inputs ``[B, *input_shape]``.
+            exemplars: encoder inputs ``[B, *input_shape]``, as the encoder takes them
+                (after the set's ``transform``); moved to the prior's device.
             sample_shape: latents per input.
 
         Returns:
             ``[*sample_shape, B, d]``.
         """
-        x = _checks.floating(exemplars, "exemplars")
-        if x.dim() != 1 + len(self.input_shape) or x.shape[1:] != self.input_shape:
+        x = _checks.tensor(exemplars, "exemplars")
+        shape_in = self.input_shape
+        if x.dim() != 1 + len(shape_in) or x.shape[1:] != shape_in:
             raise VAEPriorsError(
-                f"`exemplars` must have shape [B, *input_shape] = [B, {', '.join(map(str, self.input_shape))}], "
+                f"`exemplars` must have shape [B, *input_shape] = [B, {', '.join(map(str, shape_in))}], "
                 f"got {tuple(x.shape)}"
             )
+        if x.is_floating_point():
+            _checks.finite(x, "exemplars")
         shape = _checks.sample_shape(sample_shape)
-        mu = self._encode(x.to(self.exemplars.device))
+        mu = self._points(x.to(self.log_var.device))
         eps = self._randn((*shape, *mu.shape), mu)
         return mu + torch.exp(0.5 * self.log_var.to(mu.dtype)) * eps
 
@@ -630,8 +805,8 @@ class ExemplarPrior(BasePrior):
 
         Arguments:
             decoder: ``z [B, d] ->`` a Distribution over x (or a tensor in input space).
-            start: the first exemplars ``[B, *input_shape]`` (training points, noise, ...),
-                or an int B to start from B random exemplars of the set.
+            start: the first encoder inputs ``[B, *input_shape]`` (training points, noise,
+                ...), or an int B to start from B random exemplars of the set.
             steps: the number of generations.
             to_input: how the decoder's output becomes the next input: ``"mean"``
                 (e.g. Bernoulli probabilities: grey-level images, like the exemplars the
@@ -641,8 +816,12 @@ class ExemplarPrior(BasePrior):
             The chain ``[steps + 1, B, *input_shape]``, starting with ``start``.
         """
         steps = _checks.positive_int(steps, "steps")
+        if not callable(decoder):
+            raise VAEPriorsError(f"`decoder` must be callable, got {type(decoder).__name__}")
         if isinstance(start, int) and not isinstance(start, bool):
-            start = self.exemplars[self._randint(self.n_exemplars, _checks.positive_int(start, "start"))]
+            self._check_unsharded("starting from random exemplars")
+            count = _checks.positive_int(start, "start")
+            start = self._set.rows(self._randint(self.n_exemplars, count), self.log_var.dtype, self.log_var.device)
         with torch.no_grad():
             chain = [start]
             for _ in range(steps):
@@ -653,11 +832,14 @@ class ExemplarPrior(BasePrior):
                         f"the decoded inputs have shape {tuple(x.shape)}, expected {tuple(chain[-1].shape)}; "
                         "pass a `to_input` callable that reshapes them"
                     )
+                if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+                    raise VAEPriorsError("`decoder` returned NaN or infinite values in generate_iteratively")
                 chain.append(x.to(chain[-1].dtype))
         return torch.stack(chain)
 
     def extra_repr(self) -> str:
+        shard = f", shard={self._offset}:{self._offset + self.n_local}" if self.n_local != self.n_exemplars else ""
         return (
-            f"n_exemplars={self.n_exemplars}, input_shape={tuple(self.input_shape)}, latent_dim={self._latent_dim}, "
-            f"n_subsample={self.n_subsample}, k={self.k}"
+            f"n_exemplars={self.n_exemplars}{shard}, input_shape={tuple(self.input_shape)}, "
+            f"latent_dim={self._latent_dim}, n_subsample={self.n_subsample}, k={self.k}, stored={self._set!r}"
         )

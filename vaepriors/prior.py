@@ -9,7 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from . import _checks
-from .encoder import Encoder, gaussian_params
+from .encoder import Encoder, Posterior, read_posterior
+from ._state import StateModule
 from .errors import VAEPriorsError
 
 __all__ = ["BasePrior", "Prior"]
@@ -38,8 +39,9 @@ class Prior(Protocol):
         sample(sample_shape) / rsample(sample_shape): draws, ``[*sample_shape, d]``.
         bind(encoder): gives priors whose components come from the encoder (VampPrior,
             exemplar, pseudocoreset) the user's encoder; returns the prior.
-        observe(mean, index): tells the prior the encoder means ``[B, d]`` just computed
-            for the training points ``index`` ``[B]`` (e.g. to refresh a cache).
+        observe(posterior, index): tells the prior the posteriors (a
+            :class:`~vaepriors.encoder.Posterior`, or encoder means ``[B, d]``) just
+            computed for the training points ``index`` ``[B]`` (e.g. to refresh a cache).
         on_epoch_end(epoch): per-epoch hook, ``epoch`` the index of the epoch just ended,
             counted from 0 (e.g. refresh a retrieval cache, or run a coreset update).
         analytic_kl(mean, log_var): KL(q || p) per data point in closed form, or ``None``
@@ -59,14 +61,14 @@ class Prior(Protocol):
 
     def bind(self, encoder: Encoder) -> "Prior": ...
 
-    def observe(self, mean: Tensor, index: Tensor) -> None: ...
+    def observe(self, posterior: Posterior | Tensor, index: Tensor) -> None: ...
 
     def on_epoch_end(self, epoch: int) -> None: ...
 
     def analytic_kl(self, mean: Tensor, log_var: Tensor) -> Tensor | None: ...
 
 
-class BasePrior(nn.Module):
+class BasePrior(StateModule):
     r"""Base class implementing :class:`Prior`'s plumbing.
 
     Subclasses implement ``_log_prob(z, index)`` on validated ``[*batch, d]`` input, and
@@ -108,22 +110,51 @@ class BasePrior(nn.Module):
 
     def bind(self, encoder: Encoder) -> "BasePrior":
         """Gives the prior the user's encoder (a callable returning ``(mean, log_var)`` or a
-        Normal); returns ``self``. Priors that do not use the encoder ignore it."""
+        Distribution, see :func:`~vaepriors.encoder.read_posterior`); returns ``self``.
+        Priors that do not use the encoder ignore it."""
         if not callable(encoder):
             raise VAEPriorsError(f"`encoder` must be callable, got {type(encoder).__name__}")
         object.__setattr__(self, "_encoder", encoder)
         return self
 
-    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``(mean, log_var)`` of the bound encoder at ``x``, checked against ``latent_dim``."""
-        mean, log_var = gaussian_params(self.encoder(x), "encoder")
-        if self._latent_dim is None:
-            self._latent_dim = mean.shape[-1]
-        elif mean.shape[-1] != self._latent_dim:
+    def encode(self, x: Tensor) -> Posterior:
+        """The bound encoder's posterior at ``x``, checked against ``latent_dim``."""
+        try:
+            out = self.encoder(x)
+        except VAEPriorsError:
+            raise
+        except Exception as err:
             raise VAEPriorsError(
-                f"`encoder` returns latents of size {mean.shape[-1]}, but the prior has latent_dim={self._latent_dim}"
+                f"the encoder failed when {type(self).__name__} encoded its inputs of shape {tuple(x.shape)} "
+                f"and dtype {x.dtype}: {type(err).__name__}: {err}"
+            ) from err
+        q = read_posterior(out, "encoder")
+        d = q.shape[-1]
+        if self._latent_dim is None:
+            self._latent_dim = d
+        elif d != self._latent_dim:
+            raise VAEPriorsError(
+                f"`encoder` returns latents of size {d}, but the prior has latent_dim={self._latent_dim}"
             )
-        return mean, log_var
+        return q
+
+    def _reference_tensor(self) -> Tensor | None:
+        """A floating parameter of the prior: its dtype and device are the prior's (a prior
+        without parameters, e.g. N(0, I), takes any)."""
+        for t in self.parameters(recurse=False):
+            if t.is_floating_point():
+                return t
+        return None
+
+    def _check_like(self, z: Tensor, name: str = "z") -> None:
+        """Latents must have the prior's dtype and device; say which side to convert."""
+        ref = self._reference_tensor()
+        if ref is not None and (ref.dtype != z.dtype or ref.device != z.device):
+            raise VAEPriorsError(
+                f"`{name}` is {z.dtype} on {z.device} but {type(self).__name__}'s parameters are {ref.dtype} on "
+                f"{ref.device}: convert the model as a whole (e.g. elbo.to(dtype, device), which converts the "
+                "prior too) or the prior (prior.to(...))"
+            )
 
     # -- the contract ------------------------------------------------------------------
     def log_prob(self, z: Tensor, *, index: Tensor | None = None) -> Tensor:
@@ -134,6 +165,7 @@ class BasePrior(nn.Module):
                 f"{type(self).__name__} needs the encoder: pass it to ExemplarELBO or call prior.bind(encoder)"
             )
         z = _checks.latent(z, d, "z")
+        self._check_like(z)
         return self._log_prob(z, index)
 
     def rsample(self, sample_shape: SampleShape = ()) -> Tensor:
@@ -151,8 +183,9 @@ class BasePrior(nn.Module):
         """Same as :meth:`log_prob`."""
         return self.log_prob(z, index=index)
 
-    def observe(self, mean: Tensor, index: Tensor) -> None:
-        """Hook: encoder means of training points ``index``; does nothing by default."""
+    def observe(self, posterior: Posterior | Tensor, index: Tensor) -> None:
+        """Hook: the posteriors (or encoder means ``[B, d]``) of training points ``index``;
+        does nothing by default."""
 
     def on_epoch_end(self, epoch: int) -> None:
         """Hook: called at the end of epoch ``epoch`` (counted from 0) by the training loop;
