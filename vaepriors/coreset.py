@@ -121,7 +121,7 @@ def pairwise_log_likelihood(out: Distribution, x: Tensor) -> Tensor:
     base = out
     while isinstance(base, Independent):
         base = base.base_dist
-    xf = x.reshape(b, -1)
+    xf = x.reshape(b, math.prod(x.shape[1:]))
     if isinstance(base, (Bernoulli, ContinuousBernoulli)):
         logits = base.logits.expand(shape)
         if isinstance(base, Bernoulli):
@@ -434,23 +434,39 @@ class PseudocoresetPrior(BasePrior):
             decoder: ``z [S, d] ->`` a Distribution over ``[S, *input_shape]``.
             x: a data batch ``[B, *input_shape]``.
             z: latent samples ``[S, d]``, ``S >= 2``.
-            scale: the factor on the batch sum; default ``N / B``.
+            scale: the factor on the batch sum; default ``N / B`` (B over all ranks under
+                torch.distributed, where the batch sum is summed across ranks too).
 
         Returns:
             ``(grad_weights [M], grad_inputs [M, *input_shape])``, in float64 and the
             pseudo-inputs' dtype respectively.
         """
         u = self.pseudo_inputs
-        x = self._check_batch(x)
+        comm = dist.comm(self.process_group, enabled=self.sync)
+        x = self._check_batch(x, allow_empty=comm is not None)  # a rank may hold none of a last batch
         z = _checks.latent(z, self.latent_dim, "z")
         if z.dim() != 2 or z.shape[0] < 2:
             raise VAEPriorsError(f"`z` must have shape [S, d] with S >= 2 samples, got {tuple(z.shape)}")
-        scale = self.n_total / x.shape[0] if scale is None else float(scale)
+        batch = x.shape[0]
+        if comm is not None:
+            what = "PseudocoresetPrior.coreset_gradients: summing the batch over ranks"
+            batch = int(dist.all_reduce_sum(torch.tensor([float(batch)], dtype=torch.float64, device=u.device), comm, what))
+        scale = self.n_total / batch if scale is None else float(scale)
         if not (scale > 0 and math.isfinite(scale)):
             raise VAEPriorsError(f"`scale` must be a finite number > 0, got {scale}")
         with torch.no_grad():
-            out = decoder(z.to(u.dtype))
-            fx = pairwise_log_likelihood(out, x)  # [B, S]
+            try:
+                out = decoder(z.to(u.dtype))
+            except VAEPriorsError:
+                raise
+            except Exception as err:
+                raise VAEPriorsError(
+                    f"the decoder failed in PseudocoresetPrior.coreset_gradients on z of shape {tuple(z.shape)}: "
+                    f"{type(err).__name__}: {err}"
+                ) from err
+            fx = pairwise_log_likelihood(out, x).double().sum(0)  # [S]
+            if comm is not None:
+                fx = dist.all_reduce_sum(fx, comm, "PseudocoresetPrior.coreset_gradients: summing the data term")
         with torch.enable_grad():
             uu = u.detach().requires_grad_(True)
             fu = pairwise_log_likelihood(out, uu)  # [M, S]
@@ -461,7 +477,7 @@ class PseudocoresetPrior(BasePrior):
                 "the decoder's log-likelihood of the data or of the pseudo-inputs is not finite; "
                 "check the decoder's output (e.g. probabilities of exactly 0 or 1) and `input_range`"
             )
-        r = scale * fx.double().sum(0) - w @ fu64  # [S]
+        r = scale * fx - w @ fu64  # [S]
         c = (r - r.mean()) / (r.shape[0] - 1)
         grad_w = -(fu64 @ c)
         (g,) = torch.autograd.grad(fu, uu, grad_outputs=c.to(fu.dtype).expand_as(fu))
@@ -572,6 +588,7 @@ class PseudocoresetPrior(BasePrior):
         if sampler is not None and not callable(sampler):
             raise VAEPriorsError(f"`sampler` must be callable or None, got {type(sampler).__name__}")
         draw = sampler if sampler is not None else (lambda k: self.sample((k,)))
+        comm = dist.comm(self.process_group, enabled=self.sync)
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -581,6 +598,8 @@ class PseudocoresetPrior(BasePrior):
             for x in itertools.islice(batches, steps):
                 with torch.no_grad():
                     z = draw(s)
+                    if comm is not None:  # every rank steps with rank 0's latents
+                        z = dist.broadcast(z.contiguous(), comm, "PseudocoresetPrior.update_coreset: sharing the latents")
                 gw, gu = self.coreset_gradients(decoder, x, z)
                 self.apply_gradients(gw, gu)
                 if bar is not None:
@@ -589,10 +608,10 @@ class PseudocoresetPrior(BasePrior):
             if bar is not None:
                 bar.close()
 
-    def _check_batch(self, x: object) -> Tensor:
+    def _check_batch(self, x: object, allow_empty: bool = False) -> Tensor:
         u = self.pseudo_inputs
         x = _checks.tensor(x, "x")
-        if x.dim() != u.dim() or x.shape[1:] != u.shape[1:] or x.shape[0] == 0:
+        if x.dim() != u.dim() or x.shape[1:] != u.shape[1:] or (x.shape[0] == 0 and not allow_empty):
             raise VAEPriorsError(
                 f"data batches must have shape [B, *input_shape] = [B, {', '.join(map(str, u.shape[1:]))}] "
                 f"with B >= 1 (the pseudo-inputs' input shape), got {tuple(x.shape)}"
@@ -614,13 +633,21 @@ class PseudocoresetPrior(BasePrior):
                     f"`data` has {data.shape[0]} points but the prior's weights sum to N = {self.n_total}"
                 )
             n = data.shape[0]
-            per_pass = math.ceil(n / bs)
+            comm = dist.comm(self.process_group, enabled=self.sync)
+            rank, ranks = (0, 1) if comm is None else (comm.rank, comm.world_size)
+            # Under torch.distributed one shuffle (rank 0's) for all; a global batch is ranks x bs
+            # rows, this rank's part the r-th block of bs.
+            per_pass = math.ceil(n / (bs * ranks))
 
             def batches() -> Iterator[Tensor]:
                 while True:
-                    perm = torch.randperm(n, generator=generator).to(data.device)
-                    for i in range(0, n, bs):
-                        yield self._check_batch(data[perm[i : i + bs]])
+                    perm = torch.randperm(n, generator=generator)
+                    if comm is not None:
+                        perm = dist.broadcast(perm, comm, "PseudocoresetPrior.update_coreset: sharing the shuffle")
+                    perm = perm.to(data.device)
+                    for i in range(0, n, bs * ranks):
+                        part = perm[i + rank * bs : min(i + (rank + 1) * bs, i + bs * ranks)]
+                        yield data[part]
 
             return (n_steps or per_pass), batches()
         if not isinstance(data, Iterable):
