@@ -229,3 +229,55 @@ def test_shard_without_a_process_group_holds_everything():
     assert not (tdist.is_available() and tdist.is_initialized())
     prior = vp.ExemplarPrior(torch.rand(7, D_IN), shard=True)
     assert prior.n_local == prior.n_exemplars == 7
+
+
+def _evaluation(rank: int, world: int) -> dict:
+    enc, x, _, _ = _setup(world)
+    dec = nn.Linear(D, D_IN).double()
+    decoder = lambda z: torch.distributions.Normal(dec(z), 0.5)  # noqa: E731
+    test_x = torch.rand(7, D_IN, dtype=torch.float64)  # 7 points: blocks of unequal size
+    labels = torch.arange(N) % 3
+    out = {}
+    ref = vp.ExemplarELBO(enc, decoder, vp.ExemplarPrior(x, init_log_var=-0.4, sync=False).double()).eval()
+    want = vp.log_likelihood(ref, test_x, 40, generator=torch.Generator().manual_seed(9), progress=False)
+    for shard, flag in [(True, None), (False, True)]:
+        model = vp.ExemplarELBO(enc, decoder, vp.ExemplarPrior(x, init_log_var=-0.4, shard=shard).double()).eval()
+        got = vp.log_likelihood(model, test_x, 40, generator=torch.Generator().manual_seed(9), progress=False,
+                                memory_budget=2**12, distributed=flag)
+        out[f"loglik-{shard}"] = float((got.values - want.values).abs().max())
+    au_ref = vp.active_units(enc, x, 0.001)
+    au = vp.active_units(enc, x, 0.001, batch_size=4, distributed=True)
+    out["active"] = float((au.variances - au_ref.variances).abs().max())
+    knn_ref = vp.knn_accuracy(enc, x, labels, x[:9], labels[:9], k=[1, 3])
+    knn_got = vp.knn_accuracy(enc, x, labels, x[:9], labels[:9], k=[1, 3], distributed=True)
+    out["knn"] = knn_ref == knn_got
+    return out
+
+
+def test_evaluation_split_over_ranks_equals_one_process():
+    for rank, r in enumerate(run_ranks(_evaluation, 2, timeout=240)):
+        assert r["loglik-True"] < 1e-10 and r["loglik-False"] < 1e-10, (rank, r)
+        assert r["active"] < 1e-12 and r["knn"], (rank, r)
+
+
+def _one_rank_walks_away(rank: int, world: int) -> str:
+    import time
+
+    enc, x, z, _ = _setup(world)
+    prior = vp.ExemplarPrior(x, shard=True).double().bind(enc).eval()
+    vdist.set_timeout(2)
+    if rank == 1:
+        time.sleep(6)  # never calls log_prob
+        return ""
+    start = time.monotonic()
+    try:
+        prior.log_prob(z[:B])
+    except vp.VAEPriorsError as err:
+        return f"{time.monotonic() - start:.1f} s: {err}"
+    return "no error"
+
+
+def test_a_rank_that_never_joins_gives_a_clear_error_not_a_hang():
+    msg = run_ranks(_one_rank_walks_away, 2, timeout=60)[0]
+    seconds = float(msg.split(" s:")[0])
+    assert seconds < 20 and "ExemplarPrior.log_prob" in msg and "did not reach the same call" in msg, msg

@@ -122,17 +122,30 @@ def _copy(t: Tensor) -> Tensor:
     return t.clone(memory_format=torch.contiguous_format)
 
 
+def _staging(c: Comm, t: Tensor) -> torch.device | None:
+    """Where a CPU tensor must go for the backend: NCCL moves CUDA tensors only."""
+    if t.device.type == "cpu" and dist.get_backend(c.group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return None
+
+
 def _all_reduce(t: Tensor, c: Comm, what: str, op: str, kind: Any) -> Tensor:
-    _run(c, what, op, lambda: dist.all_reduce(t, kind, group=c.group, async_op=True))
+    stage = _staging(c, t)
+    buf = t if stage is None else t.to(stage)
+    _run(c, what, op, lambda: dist.all_reduce(buf, kind, group=c.group, async_op=True))
+    if stage is not None:
+        t.copy_(buf)
     return t
 
 
 def _all_gather(x: Tensor, c: Comm, what: str, op: str) -> Tensor:
     """``[world_size, *x.shape]``: every rank's ``x`` (same shape on all ranks)."""
-    x = x.contiguous()
+    stage = _staging(c, x)
+    home = x.device
+    x = x.contiguous() if stage is None else x.to(stage)
     buf = x.new_empty((c.world_size, *x.shape))  # outputs are views of one buffer: no stack afterwards
     _run(c, what, op, lambda: dist.all_gather(list(buf.unbind(0)), x, group=c.group, async_op=True))
-    return buf
+    return buf if stage is None else buf.to(home)
 
 
 # Row counts travel with what the ranks must agree on (dtype, trailing shape): one collective
@@ -284,9 +297,11 @@ def broadcast(t: Tensor, comm: Comm | None, what: str, src: int = 0) -> Tensor:
     if isinstance(src, bool) or not isinstance(src, int) or not 0 <= src < comm.world_size:
         raise VAEPriorsError(f"{what}: `src` must be a rank in [0, {comm.world_size}), got {src!r}")
     root = src if comm.group is None else dist.get_global_rank(comm.group, src)
+    stage = _staging(comm, t)
     buf = t.detach() if t.is_contiguous() else t.detach().contiguous()  # the backends need contiguous
+    buf = buf if stage is None else buf.to(stage)
     _run(comm, what, f"broadcast from rank {src}", lambda: dist.broadcast(buf, root, comm.group, async_op=True))
-    if not t.is_contiguous():
+    if stage is not None or not t.is_contiguous():
         with torch.no_grad():
             t.copy_(buf)
     return t
@@ -307,9 +322,7 @@ def sync_generator(generator: torch.Generator, comm: Comm | None, what: str) -> 
         raise VAEPriorsError(f"`generator` must be a torch.Generator, got {type(generator).__name__}")
     if comm is None:
         return generator
-    state = generator.get_state()  # a CPU uint8 tensor; NCCL moves CUDA tensors only
-    if dist.get_backend(comm.group) == "nccl":
-        state = state.to(torch.device("cuda", torch.cuda.current_device()))
+    state = generator.get_state()  # a CPU uint8 tensor, staged for NCCL by the collectives
     states, sizes = all_gather_rows(state, comm, what)
     if len(set(sizes)) > 1:
         raise VAEPriorsError(

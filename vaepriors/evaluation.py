@@ -29,6 +29,7 @@ from torch.distributions import Distribution
 from tqdm.auto import tqdm
 
 from . import _checks
+from . import distributed as dist
 from .elbo import ExemplarELBO
 from .encoder import Posterior, read_posterior
 from .engine import LogSumExp, knn, mixture_logsumexp
@@ -180,19 +181,58 @@ def _batches(data: object, batch_size: int) -> tuple[Iterator[Tensor], int | Non
     return gen(), total
 
 
+def _eval_comm(prior: Any, distributed: bool | None) -> dist.Comm | None:
+    """The process group an evaluation splits its work over, or ``None`` (one process).
+
+    ``None`` splits only when the prior is sharded (its every call is collective); ``True``
+    whenever torch.distributed is initialised with more than one process."""
+    sharded = bool(getattr(prior, "sharded", False))
+    if distributed is None:
+        distributed = sharded
+    if not isinstance(distributed, bool):
+        raise VAEPriorsError(f"`distributed` must be True, False or None, got {distributed!r}")
+    if sharded and not distributed:
+        raise VAEPriorsError(
+            "`distributed=False` with a sharded prior: every rank holds only its block of the exemplars, so "
+            "every rank must evaluate together (distributed=True or None)"
+        )
+    return dist.comm() if distributed else None
+
+
+def _my_rows(data: Any, comm: dist.Comm | None, name: str = "data") -> tuple[Any, int]:
+    """This rank's contiguous block of a tensor ``data`` and its first row (all of it alone)."""
+    if comm is None:
+        return data, 0
+    if not isinstance(data, Tensor):
+        raise VAEPriorsError(
+            f"`{name}` must be a tensor to split the evaluation over ranks (distributed=True); got "
+            f"{type(data).__name__}"
+        )
+    start, stop = dist.shard_range(data.shape[0], comm.rank, comm.world_size)
+    return data[start:stop], start
+
+
 def _location_of(parts: _Parts) -> Callable | None:
     """The point function of the model's prior (``location``), where it has one."""
     return getattr(parts.prior, "location", None)
 
 
-def _encode_all(parts: _Parts, x: Tensor, batch_size: int, device: torch.device | None) -> Tensor:
-    """The posteriors' points (means) of ``x``, ``[N, d]``, batch by batch."""
+def _encode_all(
+    parts: _Parts, x: Tensor, batch_size: int, device: torch.device | None, comm: dist.Comm | None = None
+) -> Tensor:
+    """The posteriors' points (means) of ``x``, ``[N, d]``, batch by batch (a block per rank,
+    gathered, under ``comm``)."""
+    mine, _ = _my_rows(x, comm)
     means = []
-    for i in range(0, x.shape[0], batch_size):
-        xb = x[i : i + batch_size]
+    for i in range(0, mine.shape[0], batch_size):
+        xb = mine[i : i + batch_size]
         xb = xb.to(device) if device is not None else xb
         means.append(parts.encode(xb).location(_location_of(parts)))
-    return torch.cat(means)
+    if comm is None:
+        return torch.cat(means)
+    if not means:  # a rank with no rows still learns d and dtype from one encoding
+        means.append(parts.encode(x[:1].to(device) if device is not None else x[:1]).location(_location_of(parts))[:0])
+    return dist.all_gather_rows(torch.cat(means), comm, "evaluation: gathering the encoded points")[0]
 
 
 # -- log-likelihood -----------------------------------------------------------------------
@@ -258,6 +298,7 @@ def log_likelihood(
     device: torch.device | str | None = None,
     generator: torch.Generator | None = None,
     progress: bool = True,
+    distributed: bool | None = None,
 ) -> LogLikelihood:
     r"""Importance-weighted estimate of the marginal log-likelihood of every data point.
 
@@ -294,7 +335,11 @@ def log_likelihood(
         device: where to compute (default: the model's device, else the data's).
         generator: a :class:`torch.Generator` (any device) for reproducible samples; one
             number is drawn from it (from torch's global generator when ``None``).
-        progress: show a progress bar (tqdm) over data points.
+        progress: show a progress bar (tqdm) over data points (rank 0's only).
+        distributed: split the points over the ranks of torch.distributed (a tensor
+            ``data``: a contiguous block each, with the same per-point seeds as one process)
+            and gather the values on every rank; every rank must call. ``None``: only for a
+            sharded prior, whose every call is collective anyway.
 
     Returns:
         A :class:`LogLikelihood`: per-point values ``[N]`` (float64), their mean, standard
@@ -319,15 +364,22 @@ def log_likelihood(
     parts = _parts(model)
     dev = _device_of(parts.roots, device)
     budget = _budget(memory_budget, dev)
-    batches, total = _batches(data, batch_size)
+    comm = _eval_comm(parts.prior, distributed)
+    mine, first = _my_rows(data, comm)
+    batches, total = _batches(mine, batch_size)
 
     results: list[Tensor] = []
     n_dims = None
-    # One draw from the caller's generator seeds every point's own noise stream.
+    # One draw from the caller's generator (rank 0's) seeds every point's own noise stream.
     gen_device = generator.device if generator is not None else "cpu"
-    base_seed = int(torch.randint(0, 2**62, (), generator=generator, device=gen_device))
-    seen = 0
-    bar = tqdm(total=total, unit="pt", desc="log-likelihood", disable=not progress)
+    seed = torch.randint(0, 2**62, (1,), generator=generator, device=gen_device).cpu()
+    if comm is not None:
+        dist.broadcast(seed, comm, "log_likelihood: sharing the seed")
+    base_seed = int(seed)
+    seen = first
+    calls = 0  # prior calls: a sharded prior's ranks must make as many
+    most = _most_calls(parts, mine, n_samples, batch_size, budget, comm)
+    bar = tqdm(total=total, unit="pt", desc="log-likelihood", disable=not progress or (comm is not None and comm.rank))
     try:
         with _evaluating(parts.roots):
             for x in batches:
@@ -352,13 +404,19 @@ def log_likelihood(
                     # Other families are encoded chunk by chunk: their posteriors cannot be sliced.
                     qc = q[p : p + b_chunk] if q.is_gaussian else (q if b_chunk >= x.shape[0] else read_posterior(model.encode(xc)))
                     results.append(_log_mean_exp_weights(model, xc, qc, n_samples, s_chunk, seeds))
+                    calls += -(-n_samples // s_chunk)
                     bar.update(min(b_chunk, x.shape[0] - p))
                 seen += x.shape[0]
+            if comm is not None:
+                values = _gather_values(results, most - calls, comm, parts)
     finally:
         bar.close()
-    if not results:
+    if comm is None:
+        if not results:
+            raise VAEPriorsError("`data` holds no data points")
+        values = torch.cat(results)
+    elif values.numel() == 0:
         raise VAEPriorsError("`data` holds no data points")
-    values = torch.cat(results)
     if bool(torch.isnan(values).any()):
         raise VAEPriorsError("the log-likelihood is NaN for some points (a NaN or +inf importance weight): check the "
             "decoder's, the prior's and the encoder's outputs")
@@ -366,6 +424,32 @@ def log_likelihood(
     mean_ll = float(values.mean())
     se = float(values.std() / math.sqrt(n)) if n > 1 else math.nan
     return LogLikelihood(values, mean_ll, se, bits_per_dim(mean_ll, n_dims), n_samples, n_dims)
+
+
+def _most_calls(parts: _Parts, mine: Tensor, n_samples: int, batch_size: int, budget: int, comm: dist.Comm | None) -> int:
+    """For a sharded prior (every call collective): the most prior calls any rank will
+    make, planned before any is made, so that the ranks with fewer can make up the rest."""
+    if comm is None or not getattr(parts.prior, "sharded", False):
+        return 0
+    n, dims, d = mine.shape[0], mine[0].numel() if mine.shape[0] else 0, parts.prior.latent_dim
+    calls = 0
+    if n:
+        s_chunk, b_chunk = _plan(n_samples, mine.element_size() * (4 * dims + 8 * d), budget)
+        per_batch = [min(batch_size, n - i) for i in range(0, n, batch_size)]
+        calls = sum(-(-b // b_chunk) for b in per_batch) * -(-n_samples // s_chunk)
+    return int(dist.all_reduce_max(torch.tensor([float(calls)]), comm, "log_likelihood: planning the prior calls"))
+
+
+def _gather_values(results: list[Tensor], missing: int, comm: dist.Comm, parts: _Parts) -> Tensor:
+    """Every rank's values in rank (= data) order, once this rank has made up the
+    ``missing`` collective calls of a sharded prior, with no queries of its own."""
+    if missing > 0:
+        ref = next(iter(parts.prior.parameters()))
+        empty = torch.zeros(0, parts.prior.latent_dim, dtype=ref.dtype, device=ref.device)
+        for _ in range(missing):
+            parts.prior.log_prob(empty)
+    local = torch.cat(results) if results else torch.zeros(0, dtype=torch.float64)
+    return dist.all_gather_rows(local, comm, "log_likelihood: gathering the values")[0]
 
 
 def _log_mean_exp_weights(model: Any, x: Tensor, q: Posterior, n_samples: int, s_chunk: int, seeds: range) -> Tensor:
@@ -433,6 +517,7 @@ def active_units(
     *,
     batch_size: int = 256,
     device: torch.device | str | None = None,
+    distributed: bool = False,
 ) -> ActiveUnits:
     r"""Counts the latent dimensions the encoder uses.
 
@@ -447,6 +532,8 @@ def active_units(
         threshold: the variance above which a dimension counts as active (>= 0).
         batch_size: points encoded at once when ``data`` is a tensor.
         device: where to compute (default: the model's device, else the data's).
+        distributed: split a tensor ``data`` over the ranks of torch.distributed (a block
+            each) and combine their statistics exactly; every rank must call.
 
     Returns:
         An :class:`ActiveUnits` (count, per-dimension variances, mask).
@@ -467,7 +554,8 @@ def active_units(
     batch_size = _checks.positive_int(batch_size, "batch_size")
     parts = _parts(model)
     dev = _device_of(parts.roots, device)
-    batches, _ = _batches(data, batch_size)
+    comm = dist.comm() if _distributed_flag(distributed) else None
+    batches, _ = _batches(_my_rows(data, comm)[0], batch_size)
     count, mu, m2 = 0, None, None
     with _evaluating(parts.roots):
         for x in batches:
@@ -489,11 +577,40 @@ def active_units(
                 mu = mu + delta * (nb / total)
                 m2 = m2 + m2b + delta.pow(2) * (count * nb / total)
                 count = total
+    if comm is not None:
+        count, mu, m2 = _combine_moments(count, mu, m2, comm)
     if count < 2:
         raise VAEPriorsError(f"`data` must hold at least 2 points to measure a variance, got {count}")
     variances = m2 / count
     active = variances > threshold
     return ActiveUnits(int(active.sum()), variances, active)
+
+
+def _distributed_flag(distributed: object) -> bool:
+    if not isinstance(distributed, bool):
+        raise VAEPriorsError(f"`distributed` must be True or False, got {distributed!r}")
+    return distributed
+
+
+def _combine_moments(count: int, mu: Tensor | None, m2: Tensor | None, comm: dist.Comm) -> tuple[int, Tensor, Tensor]:
+    """Chan's pairwise update over the ranks' (count, mean, M2), in rank order."""
+    if mu is None:
+        raise VAEPriorsError(f"active_units: rank {comm.rank} holds no data points; give at least one per rank")
+    row = torch.cat([torch.tensor([float(count)], dtype=mu.dtype, device=mu.device), mu, m2])[None]
+    rows = dist.all_gather_rows(row, comm, "active_units: combining the ranks' statistics")[0]
+    d = mu.shape[0]
+    count, mu, m2 = 0, None, None
+    for r in rows:
+        nb, mb, m2b = int(r[0]), r[1 : 1 + d], r[1 + d :]
+        if mu is None:
+            count, mu, m2 = nb, mb, m2b
+            continue
+        total = count + nb
+        delta = mb - mu
+        mu = mu + delta * (nb / total)
+        m2 = m2 + m2b + delta.pow(2) * (count * nb / total)
+        count = total
+    return count, mu, m2
 
 
 # -- kNN classification -------------------------------------------------------------------
@@ -535,6 +652,7 @@ def knn_accuracy(
     batch_size: int = 256,
     memory_budget: int | None = None,
     device: torch.device | str | None = None,
+    distributed: bool = False,
 ) -> dict[int, float]:
     r"""Accuracy of k-nearest-neighbour classification in latent space.
 
@@ -554,6 +672,8 @@ def knn_accuracy(
         memory_budget: bytes the distance computation of one chunk of test points may use
             (default as in :func:`log_likelihood`).
         device: where to compute (default: the model's device, else the data's).
+        distributed: encode the training and test points a block per rank of
+            torch.distributed and gather them; every rank must call.
 
     Returns:
         ``{k: accuracy}`` (fractions in [0, 1]) for each requested k, in increasing k.
@@ -586,8 +706,9 @@ def knn_accuracy(
     budget = _budget(memory_budget, dev)
 
     with _evaluating(parts.roots):
-        train_mean = _encode_all(parts, train_x, batch_size, dev)
-        test_mean = _encode_all(parts, test_x, batch_size, dev)
+        comm = dist.comm() if _distributed_flag(distributed) else None
+        train_mean = _encode_all(parts, train_x, batch_size, dev, comm)
+        test_mean = _encode_all(parts, test_x, batch_size, dev, comm)
         classes, train_class = torch.unique(train_y.to(train_mean.device), return_inverse=True)
         test_y = test_y.to(train_mean.device)
         # A chunk of test points costs ~4 [chunk, N] temporaries in a dense backend.

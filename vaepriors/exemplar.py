@@ -188,13 +188,15 @@ class ExemplarPrior(BasePrior):
     **Several processes** (torch.distributed initialised, world size > 1; see
     :mod:`vaepriors.distributed`): every rank draws the same subsets (a generator synchronised
     from rank 0 at first use), RAT cache writes of all ranks are merged so the caches stay
-    identical, and the evaluation means and cache refreshes are encoded a slice per rank.
+    identical, and full cache refreshes are encoded a slice per rank.
     With ``shard=True`` each rank holds only its contiguous block of the N exemplars (their
     means and cache rows): ``log_prob`` gathers the queries of all ranks, reduces each over
     the local block and combines the partial log-sum-exps exactly, so values are those of
     one process over all N, and gradients (after DDP's averaging) too; leave-one-out,
     subsampling and RAT's kNN (per-shard top-k, merged) stay exact across shards. Every rank
-    must then call ``log_prob`` (and the prior's hooks) the same number of times.
+    must then call ``log_prob`` (and the prior's hooks) the same number of times. A
+    replicated prior's evaluation-mode ``log_prob`` never communicates, so one rank may
+    evaluate alone; its training calls and :meth:`on_epoch_end` are collective.
 
     Arguments:
         data: the exemplars: a tensor ``[N, *shape]`` of any real dtype, or a Dataset of
@@ -346,6 +348,12 @@ class ExemplarPrior(BasePrior):
         r"""The exemplars retrieved for each z by the last RAT call, ``[*batch, k]``."""
         return None if self.rat is None else self.rat.last_neighbours
 
+    @property
+    def sharded(self) -> bool:
+        r"""Whether this process holds only its block of the exemplars (``shard=True``
+        under torch.distributed): then every rank must make each call together."""
+        return self._shard_comm() is not None
+
     def _comm(self) -> dist.Comm | None:
         return dist.comm(self.process_group, enabled=self.sync)
 
@@ -431,10 +439,11 @@ class ExemplarPrior(BasePrior):
             return p.new_zeros(0, self._latent_dim)
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    def _all_means(self) -> Tensor:
-        """The points of all exemplars this process holds, without gradients; replicated
-        priors under torch.distributed encode a slice per rank and gather them."""
-        comm = None if self.shard else self._comm()
+    def _all_means(self, split: bool = False) -> Tensor:
+        """The points of all exemplars this process holds, without gradients; with
+        ``split``, replicated priors under torch.distributed encode a slice per rank and
+        gather them (a collective)."""
+        comm = self._comm() if split and not self.shard else None
         with torch.no_grad():
             if comm is None:
                 return self.exemplar_means(progress=True)
@@ -508,7 +517,7 @@ class ExemplarPrior(BasePrior):
         r"""Recomputes the RAT cache of all latent means (no gradients)."""
         if self.rat is None:
             raise VAEPriorsError("refresh_cache() needs a RAT prior (construct it with `k`)")
-        self.rat.fill(self._all_means())
+        self.rat.fill(self._all_means(split=True))
 
     def _ensure_cache(self) -> Tensor:
         if self._latent_dim is None:
