@@ -224,3 +224,100 @@ def test_validation_switch_skips_value_checks_only():
 
 def test_errors_are_value_errors():
     assert issubclass(vp.VAEPriorsError, ValueError)
+
+
+# -- posterior families and the Distribution view ---------------------------------------------
+
+from examples import FAMILIES, INPUT_DIM  # noqa: E402
+
+OTHER_FAMILIES = [f for f in FAMILIES if f != "normal"]
+FAMILY_CASES = pytest.mark.parametrize(
+    "example, family",
+    [(e, f) for e in PRIOR_EXAMPLES for f in OTHER_FAMILIES],
+    ids=[f"{e.name}-{f}" for e in PRIOR_EXAMPLES for f in OTHER_FAMILIES],
+)
+
+
+def build_family(example: PriorExample, family: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+    torch.manual_seed(1)
+    prior = example.make(D, family)
+    prior.to(dtype=dtype)
+    if isinstance(prior._encoder, nn.Module):
+        prior._encoder.to(dtype=dtype)
+    return prior
+
+
+@FAMILY_CASES
+def test_log_prob_with_a_posterior_family_matches_float64_reference(example, family, dtype):
+    prior = build_family(example, family, dtype)
+    z = 2 * torch.randn(32, D, dtype=dtype)
+    torch.testing.assert_close(prior.log_prob(z).double(), example.reference(prior, z), **tolerance(dtype))
+
+
+@FAMILY_CASES
+def test_elbo_with_a_posterior_family_uses_its_own_density(example, family):
+    """KL = mean_s [log q(z_s|x) - log p(z_s)] on the ELBO's own samples, from the family's
+    and the prior's float64 references."""
+    prior = build_family(example, family, torch.float64)
+    enc = prior._encoder if isinstance(prior._encoder, nn.Module) else FAMILIES[family](D).double()
+    dec = nn.Linear(D, INPUT_DIM).double()
+    elbo = vp.ExemplarELBO(enc, lambda z: torch.distributions.Normal(dec(z), 1.0), prior, n_samples=3)
+    x = torch.rand(4, INPUT_DIM, dtype=torch.float64)
+    out = elbo(x)
+    log_q = copy.deepcopy(enc).double().log_q(out.z.detach(), x)  # [S, B]
+    want = (log_q - example.reference(prior, out.z.detach())).mean(0)
+    torch.testing.assert_close(out.kl.detach(), want, rtol=1e-9, atol=1e-9)
+    out.loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in enc.parameters())
+    ll = vp.log_likelihood(elbo.eval(), x, n_samples=16, progress=False)
+    assert torch.isfinite(ll.values).all()
+
+
+@FAMILY_CASES
+def test_sampling_with_a_posterior_family(example, family):
+    prior = build_family(example, family)
+    z = prior.sample((5, 2))
+    assert z.shape == (5, 2, D) and torch.isfinite(z).all()
+
+
+def test_vamp_samples_from_the_family_mixture():
+    """Laplace components: the sample mean is the mean of the components' locations."""
+    prior = build_family(next(e for e in PRIOR_EXAMPLES if e.name == "vamp"), "laplace", torch.float64)
+    with torch.no_grad():
+        q = prior.encoder(prior.pseudo_inputs)
+    n = 40_000
+    z = prior.sample(n)
+    mean = q.loc.mean(0)
+    var = (2 * q.scale**2 + q.loc**2).mean(0) - mean**2  # Laplace variance 2 b^2
+    assert ((z.mean(0) - mean).abs() < 5 * (var / n).sqrt()).all()
+    torch.testing.assert_close(z.var(0), var, rtol=0.06, atol=0)
+
+
+@EXAMPLES
+def test_distribution_view_agrees_with_the_prior(example):
+    prior = build(example)
+    p = prior.as_distribution()
+    assert isinstance(p, torch.distributions.Distribution)
+    assert p.batch_shape == () and p.event_shape == (D,) and p.has_rsample == prior.has_rsample
+    z = torch.randn(2, 5, D)
+    torch.testing.assert_close(p.log_prob(z), prior.log_prob(z), rtol=0, atol=0)
+    torch.testing.assert_close(p.log_prob(z).double(), example.reference(prior, z), **tolerance(torch.float32))
+    assert p.sample((4,)).shape == (4, D)
+    # Monte Carlo KL of a torch posterior against the view
+    q = torch.distributions.Independent(torch.distributions.Normal(torch.zeros(3, D), torch.ones(3, D)), 1)
+    s = q.rsample((8,))
+    assert (q.log_prob(s) - p.log_prob(s)).mean(0).shape == (3,)
+
+
+def test_a_prior_of_another_dtype_is_named_at_the_entry_point():
+    """A float64 encoder and decoder with a float32 prior: one clear error naming both."""
+    enc, dec = nn.Linear(INPUT_DIM, 2 * D).double(), nn.Linear(D, INPUT_DIM).double()
+    elbo = vp.ExemplarELBO(lambda x: enc(x).chunk(2, -1), lambda z: torch.distributions.Normal(dec(z), 1.0),
+                           vp.MixturePrior(D, 4))
+    x = torch.rand(5, INPUT_DIM, dtype=torch.float64)
+    with pytest.raises(vp.VAEPriorsError, match="float64.*MixturePrior.*float32"):
+        elbo(x)
+    with pytest.raises(vp.VAEPriorsError, match="float64.*MixturePrior.*float32"):
+        vp.log_likelihood(elbo, x, 4, progress=False)
+    elbo.double()  # converting the model converts the prior
+    assert torch.isfinite(vp.log_likelihood(elbo, x, 4, progress=False).values).all()

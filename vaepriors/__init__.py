@@ -5,10 +5,12 @@ Swap the prior of your own VAE in one line::
     loss = ExemplarELBO(my_encoder, my_decoder, VampPrior.from_data(x)).forward(x).loss
 """
 
+from . import distributed
 from .augment import ExemplarAugmenter, augment_batch
 from .coreset import PseudocoresetPrior
+from .distribution import PriorDistribution
 from .elbo import ELBOOutput, ExemplarELBO
-from .encoder import gaussian_params
+from .encoder import Posterior, gaussian_params, read_posterior
 from .engine import get_memory_budget, knn, mixture_log_prob, mixture_logsumexp, set_memory_budget
 from .errors import VAEPriorsError, set_validation
 from .evaluation import (
@@ -21,6 +23,7 @@ from .evaluation import (
     novelty_weights,
 )
 from .exemplar import ExemplarPrior, decoded_input
+from .exemplar_set import ExemplarSet, IndexedDataset
 from .gaussian import GaussianPrior
 from .mixture import MixturePrior
 from .prior import BasePrior, Prior
@@ -34,9 +37,13 @@ __all__ = [
     "ExemplarAugmenter",
     "ExemplarELBO",
     "ExemplarPrior",
+    "ExemplarSet",
     "GaussianPrior",
+    "IndexedDataset",
     "MixturePrior",
+    "Posterior",
     "Prior",
+    "PriorDistribution",
     "PseudocoresetPrior",
     "VAEPriorsError",
     "VampPrior",
@@ -44,6 +51,7 @@ __all__ = [
     "augment_batch",
     "bits_per_dim",
     "decoded_input",
+    "distributed",
     "gaussian_params",
     "get_memory_budget",
     "knn",
@@ -54,6 +62,7 @@ __all__ = [
     "novelty_diagnostics",
     "novelty_report",
     "novelty_weights",
+    "read_posterior",
     "set_memory_budget",
     "set_validation",
 ]

@@ -3,7 +3,7 @@ its plumbing so that a new prior only writes its density and its sampler."""
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -12,6 +12,9 @@ from . import _checks
 from .encoder import Encoder, Posterior, read_posterior
 from ._state import StateModule
 from .errors import VAEPriorsError
+
+if TYPE_CHECKING:
+    from .distribution import PriorDistribution
 
 __all__ = ["BasePrior", "Prior"]
 
@@ -182,6 +185,14 @@ class BasePrior(StateModule):
     def forward(self, z: Tensor, *, index: Tensor | None = None) -> Tensor:
         """Same as :meth:`log_prob`."""
         return self.log_prob(z, index=index)
+
+    def as_distribution(self) -> "PriorDistribution":
+        r"""This prior as a :class:`torch.distributions.Distribution` (batch shape ``()``,
+        event shape ``[d]``) for code that expects one; see
+        :class:`~vaepriors.distribution.PriorDistribution`."""
+        from .distribution import PriorDistribution
+
+        return PriorDistribution(self)
 
     def observe(self, posterior: Posterior | Tensor, index: Tensor) -> None:
         """Hook: the posteriors (or encoder means ``[B, d]``) of training points ``index``;
