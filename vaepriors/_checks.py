@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -13,6 +14,21 @@ from .errors import VAEPriorsError, validation_enabled
 def tensor(x: object, name: str) -> Tensor:
     if not isinstance(x, Tensor):
         raise VAEPriorsError(f"`{name}` must be a torch.Tensor, got {type(x).__name__}")
+    if x.device.type == "meta":
+        raise VAEPriorsError(f"`{name}` is on the meta device: it holds no values")
+    return x
+
+
+def number(x: object, name: str, *, finite: bool = True) -> float:
+    """A real number (a Python number or a one-element tensor) as a float."""
+    if isinstance(x, Tensor) and x.numel() == 1 and not x.is_complex():
+        x = x.item()
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        got = f"a tensor of shape {tuple(x.shape)}" if isinstance(x, Tensor) else repr(x)
+        raise VAEPriorsError(f"`{name}` must be a number, got {got}")
+    x = float(x)
+    if finite and not math.isfinite(x):
+        raise VAEPriorsError(f"`{name}` must be finite, got {x}")
     return x
 
 

@@ -69,6 +69,12 @@ def augment_batch(
     References:
         Norouzi et al., "Exemplar VAE" (NeurIPS 2020), generative data augmentation experiments.
     """
+    if not callable(decoder):
+        raise VAEPriorsError(f"`decoder` must be callable, got {type(decoder).__name__}")
+    if not callable(getattr(prior, "sample_around", None)):
+        raise VAEPriorsError(
+            f"`prior` must be an exemplar prior (with sample_around), got {type(prior).__name__}"
+        )
     x = _checks.floating(x, "x")
     y = _checks.tensor(y, "y")
     if y.dim() < 1 or x.dim() < 1 or y.shape[0] != x.shape[0]:

@@ -262,7 +262,8 @@ class PseudocoresetPrior(BasePrior):
         self.lr_weights = float(lr_weights)
         self.lr_inputs = float(lr_inputs)
         self.backend = backend
-        self.log_var = nn.Parameter(torch.tensor(float(init_log_var), dtype=u.dtype, device=u.device))
+        init_log_var = _checks.number(init_log_var, "init_log_var")
+        self.log_var = nn.Parameter(torch.tensor(init_log_var, dtype=u.dtype, device=u.device))
         if location is not None and not callable(location):
             raise VAEPriorsError(f"`location` must be callable or None, got {type(location).__name__}")
         self.location = location

@@ -116,11 +116,10 @@ class ExemplarELBO(nn.Module):
 
     @staticmethod
     def _check_weight(w: float) -> float:
-        if isinstance(w, Tensor):
-            w = float(w)
-        if not isinstance(w, (int, float)) or not (w >= 0 and math.isfinite(w)):
+        w = _checks.number(w, "kl_weight")
+        if not w >= 0:
             raise VAEPriorsError(f"`kl_weight` must be a finite number >= 0, got {w!r}")
-        return float(w)
+        return w
 
     def encode(self, x: Tensor) -> Posterior:
         """The posterior q(z|x) over ``[B, d]`` (a :class:`~vaepriors.encoder.Posterior`),
@@ -198,6 +197,8 @@ class ExemplarELBO(nn.Module):
         x = _checks.tensor(x, "x")
         if x.dim() < 1:
             raise VAEPriorsError("`x` must have a batch dimension, got a scalar")
+        if x.shape[0] == 0:
+            raise VAEPriorsError(f"`x` must hold at least one data point, got shape {tuple(x.shape)}")
         beta = self.kl_weight if kl_weight is None else self._check_weight(kl_weight)
         if index is not None:
             index = _checks.tensor(index, "index")
@@ -214,6 +215,11 @@ class ExemplarELBO(nn.Module):
         if not q.is_gaussian:
             _checks.finite(z, "encoder sample")
         rec = self.log_likelihood(x, z).mean(0)
+        if _checks.validation_enabled() and bool(torch.isnan(rec).any()):
+            raise VAEPriorsError(
+                "the decoder's log-likelihood log p(x|z) is NaN for some data points (check the decoder's "
+                "output and the data it scores)"
+            )
 
         kl = self.prior.analytic_kl(q.mean, q.log_var) if self.analytic_kl and q.is_gaussian else None
         if kl is None:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution, Independent, Normal, TransformedDistribution
 
-from .errors import VAEPriorsError
+from .errors import VAEPriorsError, validation_enabled
 
 __all__ = ["Encoder", "Location", "Posterior", "default_location", "gaussian_params", "read_posterior"]
 
@@ -216,6 +216,8 @@ def gaussian_params(output: Any, name: str = "encoder") -> tuple[Tensor, Tensor]
         output = output.base_dist
     if isinstance(output, Normal):
         mean, log_var = output.loc, 2 * output.scale.log()
+        if validation_enabled() and bool((output.scale <= 0).any()):
+            raise VAEPriorsError(f"`{name}` returned a Normal with a scale <= 0 (log_var would be -inf or NaN)")
     elif isinstance(output, (tuple, list)) and len(output) == 2:
         mean, log_var = output
     else:

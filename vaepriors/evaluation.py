@@ -130,7 +130,15 @@ def _evaluating(roots: Sequence[nn.Module]) -> Iterator[None]:
 def _device_of(roots: Sequence[nn.Module], device: torch.device | str | None = None) -> torch.device | None:
     """The caller's ``device`` if given, else the model's (its first tensor), else ``None``."""
     if device is not None:
-        return torch.device(device)
+        if not isinstance(device, (str, torch.device)):
+            raise VAEPriorsError(f"`device` must be a torch.device or a device name like 'cpu', got {device!r}")
+        try:
+            dev = torch.device(device)
+        except RuntimeError as err:
+            raise VAEPriorsError(f"`device` is not a device name: {device!r} ({err})") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise VAEPriorsError(f"`device` is {device!r} but this torch has no usable CUDA")
+        return dev
     for root in roots:
         for t in (*root.parameters(), *root.buffers()):
             return t.device
@@ -277,6 +285,14 @@ def bits_per_dim(log_px: Tensor | float, n_dims: int) -> Tensor | float:
         1.0
     """
     n = _checks.positive_int(n_dims, "n_dims")
+    if isinstance(log_px, Tensor):
+        _checks.floating(log_px, "log_px")
+        if _checks.validation_enabled() and bool(torch.isnan(log_px).any()):
+            raise VAEPriorsError("`log_px` contains NaN")
+    else:
+        log_px = _checks.number(log_px, "log_px", finite=False)
+        if math.isnan(log_px):
+            raise VAEPriorsError("`log_px` is NaN")
     return -log_px / (n * math.log(2))
 
 
@@ -360,6 +376,8 @@ def log_likelihood(
     """
     model = _elbo_model(model)
     n_samples = _checks.positive_int(n_samples, "n_samples")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise VAEPriorsError(f"`generator` must be a torch.Generator or None, got {type(generator).__name__}")
     batch_size = _checks.positive_int(batch_size, "batch_size")
     parts = _parts(model)
     dev = _device_of(parts.roots, device)

@@ -270,12 +270,7 @@ class ExemplarPrior(BasePrior):
         self._check_sizes(len(exemplars))
         self.refresh_every = _checks.positive_int(refresh_every, "refresh_every")
         self.chunk_size = _checks.positive_int(chunk_size, "chunk_size")
-        try:
-            init_log_var = float(init_log_var)
-        except (TypeError, ValueError):
-            raise VAEPriorsError(f"`init_log_var` must be a finite number, got {init_log_var!r}") from None
-        if not math.isfinite(init_log_var):
-            raise VAEPriorsError(f"`init_log_var` must be finite, got {init_log_var}")
+        init_log_var = _checks.number(init_log_var, "init_log_var")
         if location is not None and not callable(location):
             raise VAEPriorsError(f"`location` must be callable or None, got {type(location).__name__}")
         self.location = location

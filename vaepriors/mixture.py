@@ -92,6 +92,8 @@ class MixturePrior(BasePrior):
     ) -> None:
         super().__init__(_checks.positive_int(latent_dim, "latent_dim"))
         k = _checks.positive_int(n_components, "n_components")
+        init_spread = _checks.number(init_spread, "init_spread")
+        init_log_var = _checks.number(init_log_var, "init_log_var")
         if not init_spread >= 0:
             raise VAEPriorsError(f"`init_spread` must be >= 0, got {init_spread}")
         self.means = nn.Parameter(init_spread * torch.randn(k, latent_dim))

@@ -59,6 +59,7 @@ class VampPrior(BasePrior):
         u = _checks.floating(pseudo_inputs, "pseudo_inputs")
         if u.dim() < 1 or u.shape[0] == 0:
             raise VAEPriorsError(f"`pseudo_inputs` must have shape [K, *input_shape] with K >= 1, got {tuple(u.shape)}")
+        _checks.finite(u, "pseudo_inputs")
         self.pseudo_inputs = nn.Parameter(u.detach().clone())
         self.backend = backend
         self.memory_budget = memory_budget

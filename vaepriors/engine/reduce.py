@@ -126,7 +126,7 @@ def _prepare(z: Tensor, means: Tensor, exclude: Tensor | None) -> tuple[Tensor, 
 
 def _check_log_var(log_var: Tensor | float, z: Tensor, n: int, d: int) -> Tensor:
     if not isinstance(log_var, Tensor):
-        log_var = torch.as_tensor(float(log_var), dtype=z.dtype, device=z.device)
+        log_var = torch.tensor(_checks.number(log_var, "log_var", finite=False), dtype=z.dtype, device=z.device)
     _checks.floating(log_var, "log_var")
     if log_var.shape not in (torch.Size([]), torch.Size([n]), torch.Size([n, d])):
         raise VAEPriorsError(
