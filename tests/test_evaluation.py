@@ -659,3 +659,25 @@ def test_novelty_bad_input() -> None:
         ev.novelty_diagnostics((enc, lambda z: z, None), torch.randn(4, 2), train_x)
     with pytest.raises(VAEPriorsError, match="prior"):
         ev.novelty_report((enc, _novelty_decoder, None), train_x)
+
+
+def test_novelty_and_representation_with_a_laplace_posterior():
+    """Non-Gaussian posteriors: the weights are the family's own densities, normalised."""
+    torch.manual_seed(0)
+    net = nn.Linear(5, 4).double()
+
+    def encoder(x):
+        loc, raw = net(x).chunk(2, -1)
+        return torch.distributions.Laplace(loc, torch.exp(torch.tanh(raw)))
+
+    train = torch.rand(30, 5, dtype=torch.float64)
+    z = torch.randn(7, 2, dtype=torch.float64)
+    w, i = vp.novelty_weights(encoder, z, train, k=None, batch_size=8)
+    q = encoder(train)
+    log_q = torch.distributions.Independent(q, 1).log_prob(z[:, None, :].expand(7, 30, 2))  # [7, 30]
+    want = torch.softmax(log_q, 1)
+    got = torch.zeros_like(want).scatter(1, i, w)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    # active units and kNN read each posterior's mean (the Laplace location)
+    au = vp.active_units(encoder, train, 0.0)
+    torch.testing.assert_close(au.variances, q.loc.detach().var(0, unbiased=False))

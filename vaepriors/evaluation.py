@@ -899,7 +899,8 @@ class _TrainPosteriors:
         self.gaussian = gaussian
         self.means = torch.cat(means) if gaussian else None
         self.log_var = torch.cat(log_vars) if gaussian else None
-        self.device = self.means.device if gaussian else q.sample().device
+        probe = q.mean if q.is_gaussian else q.rsample(1)[0].detach()
+        self.device, self.dtype = probe.device, probe.dtype
 
     def block_size(self, budget: int, qc: int, dim: int) -> int:
         if self.gaussian:
@@ -912,7 +913,7 @@ class _TrainPosteriors:
             return _log_normal(z, self.means[n0:n1], self.log_var[n0:n1])
         xb = self.x[n0:n1]
         q = self.parts.encode(xb.to(self.dev) if self.dev is not None else xb)
-        zz = z[:, None, :].expand(z.shape[0], n1 - n0, self.d).to(q.distribution.sample().dtype)
+        zz = z[:, None, :].expand(z.shape[0], n1 - n0, self.d).to(self.dtype)
         return q.log_prob(zz).double()
 
     def normaliser(self, z: Tensor) -> Tensor:
