@@ -175,13 +175,15 @@ def test_rat_matches_bruteforce_over_true_neighbours():
     own = idx.expand(2, 4).reshape(-1)
     # The neighbours are the exact kNN of each z in the (stale) cache, own index excluded.
     d2 = (z.reshape(-1, 1, 3).double() - stale.double()[None]).pow(2).sum(-1)
+    true_nb = []
     for r, i in enumerate(own.tolist()):
         if i >= 0:
             d2[r, i] = math.inf
-        assert set(nb.reshape(-1, 3)[r].tolist()) == set(d2[r].topk(3, largest=False).indices.tolist())
+        true_nb.append(d2[r].topk(3, largest=False).indices.tolist())
+        assert set(nb.reshape(-1, 3)[r].tolist()) == set(true_nb[-1])
     mu = means64(enc, x)
     norms = [11 if i >= 0 else 12 for i in own.tolist()]
-    ref = rows_ref(z, mu, prior.log_var, nb.reshape(-1, 3).tolist(), norms)
+    ref = rows_ref(z, mu, prior.log_var, true_nb, norms)  # the brute-force neighbours, not the prior's
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
     # The cache now holds the fresh means of every retrieved exemplar.
     ret = nb.unique()
