@@ -33,6 +33,7 @@ import torch  # noqa: E402
 
 import vaepriors as vp  # noqa: E402
 from vaepriors import evaluation  # noqa: E402
+from vaepriors.evaluation import _common, likelihood  # noqa: E402
 from vaepriors.engine import BACKENDS  # noqa: E402
 
 INPUT = 784
@@ -66,9 +67,9 @@ def main() -> None:
     label = f"vaepriors.ExemplarPrior over {args.n_exemplars} exemplars (evaluation mode: exact, all exemplars)"
     elbo = vp.ExemplarELBO(encoder, decoder, prior).to(device)
     budget = None if args.memory_budget_mib is None else int(args.memory_budget_mib * 2**20)
-    resolved_budget = evaluation._budget(budget, device)
+    resolved_budget = _common._budget(budget, device)
     row_bytes = 4 * (4 * INPUT + 8 * d)  # log_likelihood's own estimate of one (sample, point) row
-    s_chunk, b_chunk = evaluation._plan(args.samples, row_bytes, resolved_budget)
+    s_chunk, b_chunk = likelihood._plan(args.samples, row_bytes, resolved_budget)
 
     # Warm-up (kernels, caches such as ExemplarPrior's encoded exemplars): one point, few samples.
     evaluation.log_likelihood(elbo, test_x[:1], n_samples=min(args.samples, 64), memory_budget=budget, progress=False)
@@ -77,7 +78,7 @@ def main() -> None:
     # Where the time goes: one chunk of decoder and one chunk of prior, side by side.
     rows = s_chunk * min(b_chunk, args.n_test)
     z = torch.randn(rows, 1, d, device=device)
-    with evaluation._evaluating(evaluation._parts(elbo).roots):
+    with _common._evaluating(_common._parts(elbo).roots):
         parts_t = {}
         for name, fn in (("decoder", lambda: elbo.log_likelihood(test_x[:1], z)), ("prior", lambda: prior.log_prob(z))):
             fn()
