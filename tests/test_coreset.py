@@ -604,3 +604,19 @@ def test_bad_update_arguments():
             project_simplex(v)
     with pytest.raises(vp.VAEPriorsError, match="total"):
         project_simplex(torch.ones(2), 0.0)
+
+
+def test_update_is_adam_written_out():
+    """Three steps with changing gradients against Adam's update written out in float64."""
+    g = torch.Generator().manual_seed(0)
+    u0 = torch.rand(3, 2, dtype=F64, generator=g)
+    prior = PseudocoresetPrior(u0.clone(), n_total=6.0, lr_inputs=0.05)
+    m = v = torch.zeros_like(u0)
+    u = u0.clone()
+    for t in (1, 2, 3):
+        gu = torch.randn(3, 2, dtype=F64, generator=g)
+        prior.apply_gradients(torch.zeros(3, dtype=F64), gu)
+        m = 0.9 * m + 0.1 * gu
+        v = 0.999 * v + 0.001 * gu**2
+        u = u - 0.05 * (m / (1 - 0.9**t)) / ((v / (1 - 0.999**t)).sqrt() + 1e-8)
+        torch.testing.assert_close(prior.pseudo_inputs, u, rtol=1e-12, atol=1e-12)

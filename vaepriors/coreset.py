@@ -487,9 +487,12 @@ class PseudocoresetPrior(BasePrior):
 
     @torch.no_grad()
     def apply_gradients(self, grad_weights: Tensor, grad_inputs: Tensor) -> None:
-        r"""One Adam step on the weights and pseudo-inputs, then the projections.
+        r"""One Adam step (:class:`torch.optim.Adam`) on the weights and pseudo-inputs, then
+        the projections.
 
-        The step count advances at every call (bias correction uses it); the weights are
+        The moments and step count are this prior's state (``adam_*``: they follow ``.to()``
+        and round-trip through ``state_dict``); the step count advances at every call (bias
+        correction uses it; the weights' step is ``lr_weights * N / M``); the weights are
         then projected onto :math:`\{w \ge 0, \sum w = N\}` (:func:`project_simplex`) and
         the pseudo-inputs clamped to ``input_range``. Non-finite gradients are refused, so
         the state can never become NaN.
@@ -510,11 +513,8 @@ class PseudocoresetPrior(BasePrior):
             raise VAEPriorsError(
                 "`grad_weights` and `grad_inputs` must be finite (check the decoder's log-likelihood)"
             )
-        b1, b2, eps = 0.9, 0.999, 1e-8
-        self.adam_step += 1
-        t = int(self.adam_step)
-        c1, c2 = 1 - b1**t, 1 - b2**t
         lr_w = self.lr_weights * self.n_total / self.n_pseudo
+        groups, state = [], {}
         for p, g, m, v, lr in (
             (w, gw, self.adam_m_weights, self.adam_v_weights, lr_w),
             (u, gu, self.adam_m_inputs, self.adam_v_inputs, self.lr_inputs),
@@ -522,10 +522,16 @@ class PseudocoresetPrior(BasePrior):
             # Bound |g| so that g^2 cannot overflow the moments (1e18 in float32: far
             # above real KL gradients, ~N * pixels); keeps the state finite whatever g.
             limit = min(math.sqrt(torch.finfo(m.dtype).max) / 4, torch.finfo(g.dtype).max)
-            g = g.clamp(-limit, limit).to(m.dtype)
-            m.mul_(b1).add_(g, alpha=1 - b1)
-            v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            p.addcdiv_(m, (v / c2).sqrt_().add_(eps), value=-lr / c1)
+            p.grad = g.clamp(-limit, limit).to(m.dtype)
+            groups.append({"params": [p], "lr": lr})
+            # The moments live in this prior's state (they follow .to() and state_dict);
+            # torch.optim.Adam updates them in place.
+            state[p] = {"step": self.adam_step.to(torch.float32).clone(), "exp_avg": m, "exp_avg_sq": v}
+        opt = torch.optim.Adam(groups, betas=(0.9, 0.999), eps=1e-8, foreach=False)
+        opt.state.update(state)
+        opt.step()
+        w.grad = u.grad = None
+        self.adam_step += 1
         w.copy_(project_simplex(w, self.n_total))
         if self.input_range is not None:
             u.clamp_(*self.input_range)
