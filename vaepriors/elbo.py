@@ -182,7 +182,14 @@ class ExemplarELBO(nn.Module):
             )
         return lp.reshape(s, b)
 
-    def forward(self, x: Tensor, index: Tensor | None = None, *, kl_weight: float | None = None) -> ELBOOutput:
+    def forward(
+        self,
+        x: Tensor,
+        index: Tensor | None = None,
+        *,
+        kl_weight: float | None = None,
+        noise: Tensor | None = None,
+    ) -> ELBOOutput:
         r"""The ELBO of a batch.
 
         Arguments:
@@ -190,6 +197,10 @@ class ExemplarELBO(nn.Module):
             index: the training-set indices of the batch ``[B]`` (priors built on the
                 training set leave each point out of its own prior in training mode).
             kl_weight: :math:`\beta` for this call (default: the module's ``kl_weight``).
+            noise: the standard-normal draws of a Gaussian posterior's samples,
+                ``[n_samples, B, d]`` (default: drawn from torch's generator). Common random
+                numbers: e.g. a run split over processes passes each rank its rows of one
+                global draw, and reproduces the single-process run.
 
         Returns:
             An :class:`ELBOOutput`.
@@ -211,7 +222,15 @@ class ExemplarELBO(nn.Module):
         if index is not None and self.training:
             self.prior.observe(q, index)
 
-        z, log_q = q.rsample(self.n_samples)
+        if noise is not None:
+            if not q.is_gaussian:
+                raise VAEPriorsError("`noise` applies to Gaussian posteriors; this encoder returns another family")
+            noise = _checks.floating(noise, "noise")
+            if noise.shape != (self.n_samples, *q.mean.shape):
+                raise VAEPriorsError(
+                    f"`noise` must have shape [n_samples, B, d] = {(self.n_samples, *q.mean.shape)}, got {tuple(noise.shape)}"
+                )
+        z, log_q = q.rsample(self.n_samples, noise=noise)
         if not q.is_gaussian:
             _checks.finite(z, "encoder sample")
         rec = self.log_likelihood(x, z).mean(0)

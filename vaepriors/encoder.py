@@ -110,11 +110,12 @@ class Posterior:
         d = self._dist
         return d.batch_shape + d.event_shape
 
-    def rsample(self, n: int) -> tuple[Tensor, Tensor]:
-        r"""``n`` reparameterised samples and their log-densities: ``([n, *batch, d], [n, *batch])``."""
+    def rsample(self, n: int, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        r"""``n`` reparameterised samples and their log-densities: ``([n, *batch, d], [n, *batch])``;
+        a Gaussian may be given its standard-normal ``noise`` ``[n, *batch, d]``."""
         if self.is_gaussian:
             mean, log_var = self.mean, self.log_var
-            eps = torch.randn(n, *mean.shape, dtype=mean.dtype, device=mean.device)
+            eps = torch.randn(n, *mean.shape, dtype=mean.dtype, device=mean.device) if noise is None else noise.to(mean)
             z = mean + torch.exp(0.5 * log_var) * eps
             # log q from the noise directly: exact, and no second pass over z.
             return z, -0.5 * (math.log(2 * math.pi) + log_var + eps.pow(2)).sum(-1)
