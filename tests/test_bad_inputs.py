@@ -62,7 +62,7 @@ CASES = {
     "elbo-bernoulli-grey-x": (
         lambda: vp.ExemplarELBO(_enc(), lambda z: torch.distributions.Bernoulli(logits=nn.functional.linear(z, torch.ones(D_IN, D)),
                                                                                 validate_args=True), vp.GaussianPrior(D))(X),
-        "log_prob failed",
+        "log_prob failed in ExemplarELBO.log_likelihood",
     ),
     # engine entry points
     "engine-log_var-none": (lambda: vp.mixture_log_prob(torch.zeros(2, D), torch.zeros(4, D), None), "log_var"),

@@ -23,7 +23,7 @@ from . import _checks
 from . import distributed as dist
 from .encoder import Location
 from .engine import mixture_log_prob
-from .errors import VAEPriorsError
+from .errors import VAEPriorsError, user_call
 from .prior import BasePrior
 
 __all__ = ["PseudocoresetPrior", "pairwise_log_likelihood", "project_simplex"]
@@ -456,15 +456,7 @@ class PseudocoresetPrior(BasePrior):
         if not (scale > 0 and math.isfinite(scale)):
             raise VAEPriorsError(f"`scale` must be a finite number > 0, got {scale}")
         with torch.no_grad():
-            try:
-                out = decoder(z.to(u.dtype))
-            except VAEPriorsError:
-                raise
-            except Exception as err:
-                raise VAEPriorsError(
-                    f"the decoder failed in PseudocoresetPrior.coreset_gradients on z of shape {tuple(z.shape)}: "
-                    f"{type(err).__name__}: {err}"
-                ) from err
+            out = user_call(decoder, z.to(u.dtype), "decoder", "PseudocoresetPrior.coreset_gradients", "z")
             fx = pairwise_log_likelihood(out, x).double().sum(0)  # [S]
             if comm is not None:
                 fx = dist.all_reduce_sum(fx, comm, "PseudocoresetPrior.coreset_gradients: summing the data term")

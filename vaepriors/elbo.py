@@ -11,7 +11,7 @@ from torch.distributions import Distribution
 
 from . import _checks
 from .encoder import Encoder, Posterior, read_posterior
-from .errors import VAEPriorsError
+from .errors import VAEPriorsError, user_call
 from .prior import Prior
 
 __all__ = ["ELBOOutput", "ExemplarELBO"]
@@ -124,16 +124,7 @@ class ExemplarELBO(nn.Module):
     def encode(self, x: Tensor) -> Posterior:
         """The posterior q(z|x) over ``[B, d]`` (a :class:`~vaepriors.encoder.Posterior`),
         checked against the prior."""
-        try:
-            out = self.encoder(x)
-        except VAEPriorsError:
-            raise
-        except Exception as err:
-            raise VAEPriorsError(
-                f"the encoder failed in ExemplarELBO.encode on x of shape {tuple(x.shape)} and dtype {x.dtype}: "
-                f"{type(err).__name__}: {err}"
-            ) from err
-        q = read_posterior(out, "encoder")
+        q = read_posterior(user_call(self.encoder, x, "encoder", "ExemplarELBO.encode"), "encoder")
         shape = q.shape
         if len(shape) != 2 or shape[0] != x.shape[0]:
             raise VAEPriorsError(f"`encoder` must return [B, d] with B = len(x) = {x.shape[0]}, got {tuple(shape)}")
@@ -146,15 +137,7 @@ class ExemplarELBO(nn.Module):
     def log_likelihood(self, x: Tensor, z: Tensor) -> Tensor:
         r"""log p(x|z) for latents ``z [S, B, d]`` and data ``x [B, ...]``; returns ``[S, B]``."""
         s, b, d = z.shape
-        try:
-            out = self.decoder(z.reshape(s * b, d))
-        except VAEPriorsError:
-            raise
-        except Exception as err:
-            raise VAEPriorsError(
-                f"the decoder failed in ExemplarELBO.log_likelihood on z of shape {(s * b, d)} and dtype {z.dtype}: "
-                f"{type(err).__name__}: {err}"
-            ) from err
+        out = user_call(self.decoder, z.reshape(s * b, d), "decoder", "ExemplarELBO.log_likelihood", "z")
         target = x.unsqueeze(0).expand(s, *x.shape).reshape(s * b, *x.shape[1:])
         if isinstance(out, Distribution):
             shape = tuple(out.batch_shape + out.event_shape)
@@ -163,13 +146,8 @@ class ExemplarELBO(nn.Module):
                     f"`decoder` returned a distribution over shape {shape}; expected [n, *x.shape[1:]] = "
                     f"{tuple(target.shape)}"
                 )
-            try:
-                lp = out.log_prob(target).reshape(s * b, -1).sum(-1)
-            except Exception as err:
-                raise VAEPriorsError(
-                    f"the decoder's {type(out).__name__}.log_prob failed in ExemplarELBO.log_likelihood on x of "
-                    f"shape {tuple(target.shape)} and dtype {target.dtype}: {type(err).__name__}: {err}"
-                ) from err
+            who = f"decoder's {type(out).__name__}.log_prob"
+            lp = user_call(out.log_prob, target, who, "ExemplarELBO.log_likelihood").reshape(s * b, -1).sum(-1)
         elif callable(out) and not isinstance(out, Tensor):
             lp = out(target)
             if not isinstance(lp, Tensor) or lp.shape != (s * b,):

@@ -2,7 +2,9 @@ r"""The one exception type of vaepriors, and the switch for argument validation.
 
 from __future__ import annotations
 
-__all__ = ["VAEPriorsError", "set_validation", "validation_enabled"]
+from typing import Any, Callable
+
+__all__ = ["VAEPriorsError", "set_validation", "user_call", "validation_enabled"]
 
 
 class VAEPriorsError(ValueError):
@@ -11,6 +13,19 @@ class VAEPriorsError(ValueError):
     The message names the argument and says what was expected. It subclasses
     :class:`ValueError`, so code that already catches ``ValueError`` keeps working.
     """
+
+
+def user_call(fn: Callable[[Any], Any], arg: Any, who: str, where: str, name: str = "x") -> Any:
+    r"""``fn(arg)`` for a callable of the user's (encoder, decoder, ...): an exception it
+    raises comes back as a :class:`VAEPriorsError` saying which call of ours made it and
+    with what, chained to the original."""
+    try:
+        return fn(arg)
+    except VAEPriorsError:
+        raise
+    except Exception as err:
+        shape = f" of shape {tuple(arg.shape)} and dtype {arg.dtype}" if hasattr(arg, "shape") else ""
+        raise VAEPriorsError(f"the {who} failed in {where} on {name}{shape}: {type(err).__name__}: {err}") from err
 
 
 _VALIDATE = True

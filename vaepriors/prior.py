@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from . import _checks
 from .encoder import Encoder, Posterior, read_posterior
 from ._state import StateModule
-from .errors import VAEPriorsError
+from .errors import VAEPriorsError, user_call
 
 if TYPE_CHECKING:
     from .distribution import PriorDistribution
@@ -122,15 +122,7 @@ class BasePrior(StateModule):
 
     def encode(self, x: Tensor) -> Posterior:
         """The bound encoder's posterior at ``x``, checked against ``latent_dim``."""
-        try:
-            out = self.encoder(x)
-        except VAEPriorsError:
-            raise
-        except Exception as err:
-            raise VAEPriorsError(
-                f"the encoder failed when {type(self).__name__} encoded its inputs of shape {tuple(x.shape)} "
-                f"and dtype {x.dtype}: {type(err).__name__}: {err}"
-            ) from err
+        out = user_call(self.encoder, x, "encoder", f"{type(self).__name__}.encode", "its inputs")
         q = read_posterior(out, "encoder")
         d = q.shape[-1]
         if self._latent_dim is None:
