@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -58,3 +59,16 @@ def _seed() -> None:
 _SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 if not os.environ.get("VAEPRIORS_MNIST") and _SHARED_MNIST.is_dir():
     os.environ["VAEPRIORS_MNIST"] = str(_SHARED_MNIST)
+
+# Tests that need pykeops installed (the "keops" extra) without being marked `keops` (which
+# needs a working KeOps): without the extra they skip instead of failing.
+_NEED_PYKEOPS = {"tests/test_engine.py::test_keops_probe_survives_a_crash"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if importlib.util.find_spec("pykeops") is not None:
+        return
+    skip = pytest.mark.skip(reason="pykeops is not installed (pip install 'vaepriors[keops]')")
+    for item in items:
+        if item.nodeid in _NEED_PYKEOPS:
+            item.add_marker(skip)
