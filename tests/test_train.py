@@ -18,6 +18,7 @@ import vaepriors
 from vaepriors import VAEPriorsError
 from vaepriors import train as T
 from vaepriors import training
+from vaepriors.data import load_builtin
 
 ROOT = Path(__file__).resolve().parents[1]
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
@@ -215,7 +216,7 @@ def test_to_argv_round_trips():
 
 @pytest.mark.parametrize("progress", [True, False])
 def test_progress_reaches_the_priors(progress):
-    splits = vaepriors.data.load_builtin(60, 10, 10)
+    splits = load_builtin(60, 10, 10)
     for prior in ("exemplar", "exemplar-rat"):
         config = training.TrainConfig(prior=prior, hidden=(8,), latent_dim=2, progress=progress)
         assert training.build_model(config, splits).prior.progress is progress
