@@ -94,6 +94,20 @@ def test_resume_errors(tmp_path):
         train(tmp_path, "--prior", "gaussian", "--epochs", "2", "--resume", "--latent-dim", "5")
 
 
+def test_resume_a_checkpoint_from_before_train_config(tmp_path):
+    # Checkpoints used to hold the argparse options ("args"; None for all images, all exemplars).
+    train(tmp_path, "--prior", "exemplar-rat", "--epochs", "1", "--n-eval", "all")
+    path = tmp_path / "run" / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    old = {**state.pop("config"), "n_eval": None, "exemplar_subsample": None, "rat_k": None}
+    old["hidden"] = list(old["hidden"])
+    torch.save({**state, "args": old}, path)
+    argv = [a for a in TINY if a not in ("--n-eval", "60")]
+    m = T.run(T.parse_args([*argv, "--n-eval", "all", "--prior", "exemplar-rat", "--epochs", "2", "--resume",
+                            "--out", str(tmp_path / "run")]))  # fmt: skip
+    assert [h["epoch"] for h in m["epochs"]] == [1, 2]
+
+
 def test_early_stopping(tmp_path, monkeypatch):
     # Validation ELBOs that only get worse after epoch 1: patience 2 stops after epoch 3.
     calls = iter(range(1000))

@@ -635,6 +635,14 @@ def _same(a: Any, b: Any) -> bool:
     return norm(a) == norm(b)
 
 
+def _old_options(args: dict) -> dict:
+    # A checkpoint written before TrainConfig (an argparse Namespace): None meant all images,
+    # leave-one-out over all exemplars and, for RAT, k = 10.
+    return {**args, "n_train": args.get("n_train") or "all", "n_eval": args.get("n_eval") or "all",
+            "rat_k": args.get("rat_k") or 10,
+            "exemplar_subsample": args.get("exemplar_subsample") or ("all" if args.get("prior") in ("exemplar", "exemplar-rat") else None)}  # fmt: skip
+
+
 def _load_splits(config: TrainConfig) -> Splits:
     from .data import load_dataset
 
@@ -669,7 +677,7 @@ def _fit(config: TrainConfig, output: _Output) -> dict[str, Any]:
         if not ckpt_path.is_file():
             raise VAEPriorsError(f"`resume`: no checkpoint at '{ckpt_path}'")
         state = torch.load(ckpt_path, map_location=device, weights_only=True)
-        saved = state.get("config", state.get("args", {}))
+        saved = state["config"] if "config" in state else _old_options(state.get("args", {}))
         changed = {k: (saved.get(k), getattr(config, k)) for k in _FIXED_ON_RESUME if not _same(saved.get(k), getattr(config, k))}
         if changed:
             diff = ", ".join(f"`{k}` {a} -> {b}" for k, (a, b) in changed.items())
