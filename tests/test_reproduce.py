@@ -56,6 +56,7 @@ def tiny_run(tmp_path_factory):
     return cfg, results, tmp
 
 
+@pytest.mark.slow  # trains and measures two priors (the module's tiny run)
 def test_results_json_and_numbers(tiny_run):
     cfg, results, tmp = tiny_run
     on_disk = json.loads((tmp / "out" / "results.json").read_text())
@@ -86,6 +87,7 @@ def test_results_json_and_numbers(tiny_run):
     assert diff["std_error"] > 0 and "log_likelihood_vs_gaussian" not in g
 
 
+@pytest.mark.slow  # trains and measures two priors (the module's tiny run)
 def test_table_and_plots(tiny_run):
     cfg, results, tmp = tiny_run
     text = (tmp / "out" / "table.md").read_text()

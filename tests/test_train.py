@@ -71,6 +71,7 @@ def test_other_priors_run(tmp_path, prior):
     assert _is_png(tmp_path / "run" / "samples.png") or not HAVE_MATPLOTLIB
 
 
+@pytest.mark.slow  # several training runs
 @pytest.mark.parametrize("prior", [["vamp"], ["exemplar", "--exemplar-subsample", "50"]], ids=["vamp", "exemplar-subsample"])
 def test_resume_continues_exactly(tmp_path, prior):
     full = train(tmp_path, "--prior", *prior, "--epochs", "2", name="full")
@@ -94,6 +95,7 @@ def test_resume_errors(tmp_path):
         train(tmp_path, "--prior", "gaussian", "--epochs", "2", "--resume", "--latent-dim", "5")
 
 
+@pytest.mark.slow  # several training runs
 def test_resume_a_checkpoint_from_before_train_config(tmp_path):
     # Checkpoints used to hold the argparse options ("args"; None for all images, all exemplars).
     train(tmp_path, "--prior", "exemplar-rat", "--epochs", "1", "--n-eval", "all")
@@ -108,6 +110,7 @@ def test_resume_a_checkpoint_from_before_train_config(tmp_path):
     assert [h["epoch"] for h in m["epochs"]] == [1, 2]
 
 
+@pytest.mark.slow  # several training runs
 def test_early_stopping(tmp_path, monkeypatch):
     # Validation ELBOs that only get worse after epoch 1: patience 2 stops after epoch 3.
     calls = iter(range(1000))
@@ -120,6 +123,7 @@ def test_early_stopping(tmp_path, monkeypatch):
     assert m["stopped_early"] and m["epochs_run"] == 4 and m["best_epoch"] == 1
 
 
+@pytest.mark.slow  # a run per prior, with the log-likelihood
 @pytest.mark.parametrize("prior", ["exemplar", "exemplar-rat", "coreset"])
 def test_training_based_priors_train_and_save(tmp_path, prior):
     m = train(tmp_path, "--prior", prior, "--epochs", "2", "--exemplar-subsample", "50", "--rat-k", "3",
@@ -236,6 +240,7 @@ def test_progress_reaches_the_priors(progress):
         assert training.build_model(config, splits).prior.progress is progress
 
 
+@pytest.mark.slow  # several training runs
 def test_max_steps_stops_evaluates_and_saves(tmp_path):
     # 200 images in batches of 50: 4 steps per epoch; 6 steps end in the middle of epoch 2.
     m = train(tmp_path, "--prior", "gaussian", "--epochs", "5", "--max-steps", "6")
