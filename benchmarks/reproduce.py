@@ -1,8 +1,8 @@
 r"""The papers on real MNIST: every prior, the same model and schedule, one table.
 
 Trains the papers' gated MLP VAE (784-300-300, d = 40, Bernoulli decoder) on dynamic MNIST
-with each prior through the training command (:func:`vaepriors.train.run`, the same code a
-user runs), then reloads each run's best weights (``best.pt``, best validation ELBO) and
+with each prior through the training loop of the command (:func:`vaepriors.training.fit`, the
+same code ``vaepriors-train`` runs), then reloads each run's best weights (``best.pt``, best validation ELBO) and
 measures on the test set, with the public API:
 
 - test log-likelihood, importance sampled with S samples from q per point
@@ -43,7 +43,9 @@ Examples::
     python benchmarks/reproduce.py --config cpu-short --priors gaussian vamp --out /tmp/repro
 
 MNIST comes from ``--data-dir``, else ``$VAEPRIORS_MNIST``, else ``../shared/data/mnist``
-next to the repository; when it is absent the script says so and exits with status 0.
+next to this checkout where that exists, else the library's default folder
+(:func:`vaepriors.data.default_mnist_dir`); when it is absent the script says so and exits
+with status 0.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import shlex
 import shutil
 import sys
@@ -64,11 +67,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, machine, sync  # noqa: E402  (puts this checkout's vaepriors first)
 
 import vaepriors as vp  # noqa: E402
-from vaepriors import train  # noqa: E402
-from vaepriors.data import binarize, load_dataset, mnist_root  # noqa: E402
+from vaepriors import train, training  # noqa: E402
+from vaepriors.data import MNIST_ENV, binarize, load_dataset, mnist_root  # noqa: E402
+from vaepriors.training import TrainConfig, image_grid  # noqa: E402
 
 PRIORS = ["gaussian", "mog", "vamp", "exemplar", "exemplar-rat", "coreset"]
-"""The priors, in table order (names of :data:`vaepriors.train.PRIORS`)."""
+"""The priors, in table order (names of :data:`vaepriors.training.PRIORS`)."""
+
+# The project's checkout keeps a shared copy of MNIST beside the repository.
+_SHARED_MNIST = ROOT.parent / "shared" / "data" / "mnist"
 
 LABELS = {
     "gaussian": "Gaussian",
@@ -143,49 +150,47 @@ def resolve(config: str | dict, **overrides) -> dict:
     return cfg
 
 
+def data_dir_for(data_dir: str | None) -> str | None:
+    r"""The MNIST folder to use: ``data_dir``, else ``None`` where ``$VAEPRIORS_MNIST`` is set
+    (the library reads it), else the checkout's shared copy where it exists, else ``None`` (the
+    library's default folder)."""
+    if data_dir is not None or os.environ.get(MNIST_ENV) or not _SHARED_MNIST.is_dir():
+        return data_dir
+    return str(_SHARED_MNIST)
+
+
 def load_splits(cfg: dict, data_dir: str | None = None) -> vp.data.Splits:
-    r"""The dataset of ``cfg``, cut to its sizes (the same images the training command uses)."""
-    root = data_dir if cfg["dataset"] == "mnist" else None
+    r"""The dataset of ``cfg``, cut to its sizes (the same images the training runs use)."""
+    root = data_dir_for(data_dir) if cfg["dataset"] == "mnist" else None
     return load_dataset(cfg["dataset"], root).subset(cfg["n_train"], cfg["n_eval"])
 
 
-def train_argv(cfg: dict, prior: str, run_dir: Path, n_train: int, *, device: str, data_dir: str | None,
-               progress: bool, resume: bool = False) -> list[str]:  # fmt: skip
-    r"""The training command's arguments for one prior under ``cfg``.
+def train_config(cfg: dict, prior: str, run_dir: Path, *, device: str, data_dir: str | None, progress: bool,
+                 resume: bool = False) -> TrainConfig:  # fmt: skip
+    r"""The training run of one prior under ``cfg``.
 
     The exemplar prior trains with exemplar subsampling (``M``, default N / 2) and leave-one-out;
     the RAT row with ``rat_k`` nearest exemplars among all N - 1 (no subsampling), the bound
-    whose cost the RAT speed-up is about.
+    whose cost the RAT speed-up is about. Every option is given: no preset value is used.
     """
-    argv = [
-        "--prior", prior, "--dataset", cfg["dataset"], "--out", str(run_dir),
-        "--epochs", str(cfg["epochs"]), "--warmup", str(cfg["warmup"]), "--lr", repr(cfg["lr"]),
-        "--patience", str(cfg["patience"]), "--batch-size", str(cfg["batch_size"]),
-        "--latent-dim", str(cfg["latent_dim"]), "--hidden", *map(str, cfg["hidden"]),
-        "--components", str(cfg["components"]), "--coreset-every", str(cfg["coreset_every"]),
-        "--eval-samples", "0", "--seed", str(cfg["seed"]),  # measured after, see measure()
-        "--device", device, "--threads", str(cfg["threads"]),
-        "--progress" if progress else "--no-progress",
-    ]  # fmt: skip
-    if cfg["dataset"] == "mnist" and data_dir is not None:
-        argv += ["--data-dir", str(data_dir)]
-    for key in ("n_train", "n_eval"):
-        if cfg[key] is not None:
-            argv += [f"--{key.replace('_', '-')}", str(cfg[key])]
-    if prior == "exemplar":
-        m = cfg["exemplar_subsample"]
-        argv += ["--exemplar-subsample", str(n_train // 2 if m == "half" else m)]
-    if prior == "exemplar-rat":
-        argv += ["--rat-k", str(cfg["rat_k"])]
-    if resume:
-        argv.append("--resume")
-    return argv
+    size = lambda v: "all" if v is None else v  # noqa: E731
+    return TrainConfig(
+        prior=prior, dataset=cfg["dataset"], out=str(run_dir),
+        data_dir=data_dir_for(data_dir) if cfg["dataset"] == "mnist" else None,
+        n_train=size(cfg["n_train"]), n_eval=size(cfg["n_eval"]),
+        epochs=cfg["epochs"], warmup=cfg["warmup"], lr=cfg["lr"], patience=cfg["patience"],
+        batch_size=cfg["batch_size"], latent_dim=cfg["latent_dim"], hidden=tuple(cfg["hidden"]),
+        components=cfg["components"], coreset_every=cfg["coreset_every"],
+        exemplar_subsample=cfg["exemplar_subsample"] if prior == "exemplar" else ("all" if prior == "exemplar-rat" else None),
+        rat_k=cfg["rat_k"], eval_samples=0,  # measured after, see measure()
+        seed=cfg["seed"], device=device, threads=cfg["threads"], progress=progress, resume=resume,
+    )  # fmt: skip
 
 
-def load_trained(args: argparse.Namespace, splits: vp.data.Splits, device: torch.device) -> vp.ExemplarELBO:
-    r"""Rebuilds a run's model (as the training command does) and loads its ``best.pt``."""
-    elbo = train.build_model(args, splits, device)
-    state = torch.load(Path(args.out) / "best.pt", map_location=device, weights_only=True)
+def load_trained(config: TrainConfig, splits: vp.data.Splits, device: torch.device) -> vp.ExemplarELBO:
+    r"""Rebuilds a run's model (as the training loop does) and loads its ``best.pt``."""
+    elbo = training.build_model(config, splits, device)
+    state = torch.load(Path(config.out) / "best.pt", map_location=device, weights_only=True)
     elbo.load_state_dict(state["model"])
     return elbo.eval()
 
@@ -249,20 +254,18 @@ def sample_images(elbo: vp.ExemplarELBO, n: int, seed: int) -> torch.Tensor:
 
 def run_prior(prior: str, cfg: dict, splits: vp.data.Splits, runs: Path, *, device: str, data_dir: str | None,
               progress: bool = False, resume: bool = False, n_samples: int = 36) -> tuple[dict, torch.Tensor, torch.Tensor | None]:  # fmt: skip
-    r"""Trains one prior through the training command and measures it; returns
+    r"""Trains one prior through the training loop of the command and measures it; returns
     ``(row, sample images, per-point test log-likelihoods or None)``."""
-    argv = train_argv(cfg, prior, runs / prior, len(splits.train), device=device, data_dir=data_dir,
-                      progress=progress, resume=resume)  # fmt: skip
-    args = train.parse_args(argv)
+    config = train_config(cfg, prior, runs / prior, device=device, data_dir=data_dir, progress=progress, resume=resume)
     t0 = time.perf_counter()
-    metrics = train.run(args)
+    metrics = training.fit(config)
     train_wall = time.perf_counter() - t0
     dev = torch.device(metrics["device"])
     threads = torch.get_num_threads()
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])  # the measurements under the training's setting
     try:
-        elbo = load_trained(args, splits, dev)
+        elbo = load_trained(config, splits, dev)
         t1 = time.perf_counter()
         extra, values = measure(elbo, splits, cfg, dev, progress=progress)
         images = sample_images(elbo, n_samples, cfg["seed"])
@@ -288,7 +291,7 @@ def run_prior(prior: str, cfg: dict, splits: vp.data.Splits, runs: Path, *, devi
             "valid_kl": [h["valid"]["kl"] for h in metrics["epochs"]],
             "train_elbo": [h["train"]["elbo"] for h in metrics["epochs"]],
         },
-        "train_command": "python -m vaepriors.train " + shlex.join(argv),
+        "train_command": "python -m vaepriors.train " + shlex.join(train.to_argv(config)),
         "device": metrics["device"],
     }
     return row, images, values
@@ -304,7 +307,7 @@ def run_benchmark(cfg: dict, priors: list[str], out: Path, *, runs: Path, device
         VAEPriorsError: when the dataset cannot be loaded (e.g. MNIST is absent).
     """
     device = device or cfg["device"]
-    unknown = [p for p in priors if p not in train.PRIORS]
+    unknown = [p for p in priors if p not in training.PRIORS]
     if unknown:
         raise vp.VAEPriorsError(f"`priors` must be among {PRIORS}, got {unknown}")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -415,13 +418,6 @@ def table(results: dict) -> str:
 
 
 # -- plots -------------------------------------------------------------------------------
-def _tile(images: torch.Tensor, rows: int, cols: int, pad: int = 1) -> torch.Tensor:
-    n, _, h, w = images.shape
-    grid = torch.ones(rows, cols, h + pad, w + pad)
-    grid.view(-1, h + pad, w + pad)[:n, :h, :w] = images[:, 0].clamp(0, 1)
-    return grid.permute(0, 2, 1, 3).reshape(rows * (h + pad), cols * (w + pad))[:-pad, :-pad]
-
-
 def _plots(results: dict, grids: dict[str, torch.Tensor], out: Path) -> list[str]:
     try:
         from matplotlib.figure import Figure
@@ -485,7 +481,8 @@ def _plots(results: dict, grids: dict[str, torch.Tensor], out: Path) -> list[str
         for ax, r in zip(axes.flat, rows):
             images = grids[r["prior"]]
             side = math.isqrt(len(images))
-            ax.imshow(_tile(images[: side * side], side, side).numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            grid = image_grid(images[: side * side], side, side).squeeze(-1)
+            ax.imshow(grid.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
             ax.set_title(r["label"], fontsize=9)
         fig.suptitle(f"random samples from each prior (decoder means), {name}", fontsize=10)
         fig.savefig(out / "samples.png", dpi=90)
@@ -499,7 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", choices=sorted(CONFIGS), default="cpu-short", help="named configuration")
     p.add_argument("--priors", nargs="+", choices=PRIORS, default=PRIORS, help="a subset of the priors")
     p.add_argument("--device", default=None, help="'cpu', 'cuda', ... (default: the configuration's)")
-    p.add_argument("--data-dir", default=None, help="MNIST folder (default $VAEPRIORS_MNIST, else ../shared/data/mnist)")
+    p.add_argument("--data-dir", default=None, help="MNIST folder (default $VAEPRIORS_MNIST, else ../shared/data/mnist "
+                   "beside the checkout, else ~/.cache/vaepriors/mnist)")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results/reproduce_<config>)")
     p.add_argument("--runs", default=None, help="training runs folder (default runs/reproduce_<config>)")
     p.add_argument("--resume", action="store_true", help="continue the training runs from their checkpoints")
@@ -508,8 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, kind in (("--epochs", int), ("--warmup", int), ("--lr", float), ("--n-train", int), ("--n-eval", int),
                        ("--eval-samples", int), ("--threads", int), ("--seed", int)):  # fmt: skip
         g.add_argument(flag, type=kind, default=None)
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="progress bars (default: when stderr is a terminal)")  # fmt: skip
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="progress bars on a terminal, status lines in a log")  # fmt: skip
     return p
 
 
@@ -521,17 +519,18 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out or ROOT / "benchmarks" / "results" / f"reproduce_{a.config}")
     runs = Path(a.runs or Path("runs") / f"reproduce_{a.config}")
     if cfg["dataset"] == "mnist":
-        root, source = mnist_root(a.data_dir)
+        root, source = mnist_root(data_dir_for(a.data_dir), root_name="--data-dir")
         if not (root / "train-images-idx3-ubyte.gz").is_file() and not (root / "train-images-idx3-ubyte").is_file():
             print(f"reproduce: skipped: no MNIST in '{root}' (path from {source}); pass --data-dir or set "
                   f"{vp.data.MNIST_ENV} to the folder with the four IDX files")  # fmt: skip
             return 0
-    progress = sys.stderr.isatty() if a.progress is None else a.progress
+    progress = a.progress
     command = "python benchmarks/reproduce.py " + shlex.join(argv)
     try:
-        results = run_benchmark(cfg, a.priors, out, runs=runs, device=a.device, data_dir=a.data_dir, progress=progress,
-                                resume=a.resume, command=command,
-                                docs_static=None if a.docs_static is None else Path(a.docs_static))  # fmt: skip
+        with training.status_lines(progress):
+            results = run_benchmark(cfg, a.priors, out, runs=runs, device=a.device, data_dir=a.data_dir,
+                                    progress=progress, resume=a.resume, command=command,
+                                    docs_static=None if a.docs_static is None else Path(a.docs_static))  # fmt: skip
     except vp.VAEPriorsError as e:
         print(f"reproduce: error: {e}", file=sys.stderr)
         return 2

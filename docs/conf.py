@@ -4,11 +4,15 @@ import vaepriors
 
 project = "vaepriors"
 author = "the vaepriors developers"
+copyright = "2026, the vaepriors developers"
 release = vaepriors.__version__
 extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.napoleon",
     "sphinx.ext.mathjax",
+    # Bundles MathJax into _static/mathjax and points mathjax_path there: the math renders
+    # offline, with no script fetched from a CDN.
+    "sphinx-mathjax-offline",
     "myst_parser",
 ]
 myst_enable_extensions = ["dollarmath", "amsmath"]

@@ -323,6 +323,9 @@ def test_a_rank_that_dies_gives_an_error_not_a_hang():
 
 
 def _fails_or_hangs(rank: int, world_size: int) -> None:
+    # Both ranks connected first: otherwise rank 1 may fail its own rendezvous once rank 0 is
+    # gone, and report an error rather than still running.
+    torch.distributed.barrier()
     if rank == 0:
         raise ValueError("boom on rank 0")
     time.sleep(600)

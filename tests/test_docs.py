@@ -23,6 +23,7 @@ def test_code_blocks_run(page: Path, tmp_path, monkeypatch):
         exec(compile(code, f"{page.name}[block {i}]", "exec"), namespace)
 
 
+@pytest.mark.slow  # a full Sphinx build
 def test_documentation_builds_without_warnings(tmp_path):
     pytest.importorskip("sphinx")
     pytest.importorskip("myst_parser")

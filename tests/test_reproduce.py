@@ -18,6 +18,7 @@ from vaepriors import train
 from vaepriors.data import mnist_root
 
 ROOT = Path(__file__).resolve().parents[1]
+HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
 
 def _load_script():
@@ -55,6 +56,7 @@ def tiny_run(tmp_path_factory):
     return cfg, results, tmp
 
 
+@pytest.mark.slow  # trains and measures two priors (the module's tiny run)
 def test_results_json_and_numbers(tiny_run):
     cfg, results, tmp = tiny_run
     on_disk = json.loads((tmp / "out" / "results.json").read_text())
@@ -85,6 +87,7 @@ def test_results_json_and_numbers(tiny_run):
     assert diff["std_error"] > 0 and "log_likelihood_vs_gaussian" not in g
 
 
+@pytest.mark.slow  # trains and measures two priors (the module's tiny run)
 def test_table_and_plots(tiny_run):
     cfg, results, tmp = tiny_run
     text = (tmp / "out" / "table.md").read_text()
@@ -101,19 +104,24 @@ def test_table_and_plots(tiny_run):
     assert cells[1].startswith(f"{ll:.2f}")
     assert cells[2] == ("-84.45" if cfg["dataset"] == "mnist" else "")  # the paper's column
     assert R.DESCRIPTIONS["tiny"] in text
+    if not HAVE_MATPLOTLIB:  # the plots are optional (the "plot" extra)
+        assert not (tmp / "out" / "curves.png").exists()
+        return
     for name in ("curves.png", "loglik.png", "samples.png"):
         assert _is_png(tmp / "out" / name), name
         assert (tmp / "static" / f"reproduce_tiny_{name}").read_bytes() == (tmp / "out" / name).read_bytes()
 
 
-def test_train_arguments_per_prior(tmp_path):
+def test_train_config_per_prior(tmp_path):
     cfg = R.resolve("cpu-short")
     for prior in R.PRIORS:
-        args = train.parse_args(R.train_argv(cfg, prior, tmp_path / prior, 5000, device="cpu", data_dir=None, progress=False))
-        assert (args.prior, args.n_train, args.n_eval, args.epochs, args.lr) == (prior, 5000, 1000, 10, 2e-3)
-        assert args.eval_samples == 0  # the benchmark measures the log-likelihood itself
-        assert args.exemplar_subsample == (2500 if prior == "exemplar" else None)
-        assert args.rat_k == (10 if prior == "exemplar-rat" else None)
+        config = R.train_config(cfg, prior, tmp_path / prior, device="cpu", data_dir=None, progress=False)
+        assert (config.prior, config.n_train, config.n_eval, config.epochs, config.lr) == (prior, 5000, 1000, 10, 2e-3)
+        assert config.eval_samples == 0  # the benchmark measures the log-likelihood itself
+        assert config.exemplar_subsample == {"exemplar": "half", "exemplar-rat": "all"}.get(prior)
+        assert R.training.exemplar_subsample_size(config, 5000) == (2500 if prior == "exemplar" else None)
+        # The recorded command line gives the same run.
+        assert train.parse_args(train.to_argv(config)) == config
 
 
 def test_paired_difference_matches_float64_reference():

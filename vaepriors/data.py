@@ -37,9 +37,11 @@ from .errors import VAEPriorsError
 __all__ = [
     "BatchLoader",
     "DATASETS",
+    "CACHE_ENV",
     "MNIST_ENV",
     "Splits",
     "binarize",
+    "default_mnist_dir",
     "load_builtin",
     "load_dataset",
     "load_mnist",
@@ -50,8 +52,8 @@ __all__ = [
 MNIST_ENV = "VAEPRIORS_MNIST"
 """Environment variable naming the folder with the MNIST IDX files."""
 
-# Where the project's checkout keeps a shared copy (never inside the repository itself).
-_DEFAULT_MNIST = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mnist"
+CACHE_ENV = "VAEPRIORS_CACHE_DIR"
+"""Environment variable naming vaepriors' cache folder (default ``~/.cache/vaepriors``)."""
 
 _MNIST_FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -319,30 +321,49 @@ def _fixed_binarize(valid: Tensor, test: Tensor, seed: int) -> tuple[Tensor, Ten
 
 
 # -- MNIST -----------------------------------------------------------------------------
-def mnist_root(root: str | os.PathLike | None = None) -> tuple[Path, str]:
+def default_mnist_dir() -> Path:
+    r"""Where MNIST is looked for when neither a folder nor ``$VAEPRIORS_MNIST`` is given:
+    ``mnist`` in vaepriors' cache folder, ``$VAEPRIORS_CACHE_DIR``, else ``~/.cache/vaepriors``
+    (the folder the KeOps check caches its verdicts in). It does not depend on the working
+    directory.
+
+    Example:
+        >>> default_mnist_dir().name
+        'mnist'
+    """
+    cache = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "vaepriors")
+    return Path(cache) / "mnist"
+
+
+def mnist_root(root: str | os.PathLike | None = None, *, root_name: str = "root") -> tuple[Path, str]:
     r"""Where to look for MNIST: ``root`` if given, else ``$VAEPRIORS_MNIST``, else
-    ``../shared/data/mnist`` next to the repository. Returns ``(path, where it came from)``.
+    :func:`default_mnist_dir`. Returns ``(path, where it came from)``; ``root_name`` is how
+    the caller calls ``root`` (messages name it).
 
     Example:
         >>> mnist_root("/data/mnist")
-        (PosixPath('/data/mnist'), 'the `root` argument')
+        (PosixPath('/data/mnist'), '`root`')
     """
     if root is not None:
-        return Path(root), "the `root` argument"
+        return Path(root).expanduser(), f"`{root_name}`"
     env = os.environ.get(MNIST_ENV)
     if env:
-        return Path(env), f"${MNIST_ENV}"
-    return _DEFAULT_MNIST.resolve(), f"the default (${MNIST_ENV} is not set)"
+        return Path(env).expanduser(), f"${MNIST_ENV}"
+    return default_mnist_dir(), f"the default folder (`{root_name}` not given, ${MNIST_ENV} not set)"
 
 
-def _find(root: Path, stem: str, source: str) -> Path:
+def _hint(root_name: str) -> str:
+    return (
+        f"Pass the folder with the four IDX files (train-images-idx3-ubyte.gz, ...) as `{root_name}`, set "
+        f"${MNIST_ENV} to it, or put the files in '{default_mnist_dir()}'."
+    )
+
+
+def _find(root: Path, stem: str, source: str, root_name: str) -> Path:
     for name in (stem + ".gz", stem):
         if (root / name).is_file():
             return root / name
-    raise VAEPriorsError(
-        f"MNIST file '{stem}[.gz]' not found in '{root}' (path from {source}). Pass the folder with the "
-        f"four IDX files (train-images-idx3-ubyte.gz, ...) as root= / --data-dir, or set {MNIST_ENV}."
-    )
+    raise VAEPriorsError(f"MNIST file '{stem}[.gz]' not found in '{root}' (folder from {source}). {_hint(root_name)}")
 
 
 def _check_md5(root: Path, path: Path) -> None:
@@ -364,6 +385,7 @@ def load_mnist(
     n_valid: int = 10000,
     split_seed: int | None = None,
     binarize_seed: int = BINARIZE_SEED,
+    root_name: str = "root",
 ) -> Splits:
     r"""MNIST with the dynamic-binarisation protocol of the VampPrior and Exemplar VAE papers.
 
@@ -376,11 +398,13 @@ def load_mnist(
     Arguments:
         root: folder with ``train-images-idx3-ubyte[.gz]``, ``train-labels-idx1-ubyte[.gz]``,
             ``t10k-images-idx3-ubyte[.gz]``, ``t10k-labels-idx1-ubyte[.gz]``; default
-            ``$VAEPRIORS_MNIST``, else ``../shared/data/mnist`` next to the repository. An
-            ``MD5SUMS`` file there, if any, is checked.
+            ``$VAEPRIORS_MNIST``, else :func:`default_mnist_dir`. An ``MD5SUMS`` file there,
+            if any, is checked.
         n_valid: validation images taken from the training file.
         split_seed: ``None`` for the fixed first/last split, or a seed for a random one.
         binarize_seed: seed of the fixed binarisation of validation and test images.
+        root_name: how the caller calls ``root``, for messages (the training command:
+            ``data_dir``).
 
     Returns:
         :class:`Splits` with images ``[N, 1, 28, 28]`` float32.
@@ -393,15 +417,12 @@ def load_mnist(
     References:
         Tomczak & Welling, "VAE with a VampPrior" (2018); Norouzi et al., "Exemplar VAE" (2020).
     """
-    path, source = mnist_root(root)
+    path, source = mnist_root(root, root_name=root_name)
     if not path.is_dir():
-        raise VAEPriorsError(
-            f"MNIST folder '{path}' (from {source}) does not exist. Pass the folder with the four IDX files "
-            f"(train-images-idx3-ubyte.gz, ...) as root= / --data-dir, or set {MNIST_ENV}."
-        )
+        raise VAEPriorsError(f"MNIST folder '{path}' (from {source}) does not exist. {_hint(root_name)}")
     arrays = {}
     for key, stem in _MNIST_FILES.items():
-        f = _find(path, stem, source)
+        f = _find(path, stem, source, root_name)
         _check_md5(path, f)
         arrays[key] = read_idx(f)
     for split, n in (("train", 60000), ("test", 10000)):
@@ -538,7 +559,8 @@ def load_dataset(name: str = "builtin", root: str | os.PathLike | None = None, *
     Arguments:
         name: a key of :data:`DATASETS`.
         root: the MNIST folder (see :func:`load_mnist`); must be ``None`` for ``"builtin"``.
-        kwargs: passed on to :func:`load_builtin` / :func:`load_mnist`.
+        kwargs: passed on to :func:`load_builtin` / :func:`load_mnist` (``root_name``, how the
+            caller calls ``root`` in messages, is accepted for both).
 
     Returns:
         :class:`Splits`.
@@ -552,5 +574,6 @@ def load_dataset(name: str = "builtin", root: str | os.PathLike | None = None, *
     if name == "mnist":
         return load_mnist(root, **kwargs)
     if root is not None:
-        raise VAEPriorsError("`root` is only used by dataset 'mnist'; the built-in dataset needs no files")
+        raise VAEPriorsError(f"`{kwargs.get('root_name', 'root')}` is only used by dataset 'mnist'; the built-in dataset needs no files")
+    kwargs.pop("root_name", None)
     return DATASETS[name](**kwargs)
