@@ -281,3 +281,28 @@ def test_a_rank_that_never_joins_gives_a_clear_error_not_a_hang():
     msg = run_ranks(_one_rank_walks_away, 2, timeout=60)[0]
     seconds = float(msg.split(" s:")[0])
     assert seconds < 20 and "ExemplarPrior.log_prob" in msg and "did not reach the same call" in msg, msg
+
+
+def _fit_on_ranks(rank: int, world: int, out: str, shard: bool) -> dict:
+    from vaepriors.training import TrainConfig, fit
+
+    cfg = TrainConfig(prior="exemplar-rat", epochs=2, n_train=200, n_eval=60, eval_samples=3, threads=1,
+                      progress=False, out=out, shard=shard)
+    m = fit(cfg)
+    return {"train": [e["train"]["elbo"] for e in m["epochs"]], "test": m["test"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shard", [False, True], ids=["replicated", "shard"])
+def test_training_command_on_two_ranks_equals_one_process(tmp_path, shard):
+    from vaepriors.training import TrainConfig, fit
+
+    one = fit(TrainConfig(prior="exemplar-rat", epochs=2, n_train=200, n_eval=60, eval_samples=3, threads=1,
+                          progress=False, out=str(tmp_path / "one")))
+    two = run_ranks(_fit_on_ranks, 2, str(tmp_path / "two"), shard, timeout=300)
+    assert (tmp_path / "two" / "metrics.json").is_file()
+    for r in two:  # every rank ends with the same numbers as the single process
+        torch.testing.assert_close(torch.tensor(r["train"]), torch.tensor([e["train"]["elbo"] for e in one["epochs"]]),
+                                   rtol=1e-5, atol=0)
+        for key in ("elbo", "log_likelihood"):
+            assert abs(r["test"][key] - one["test"][key]) <= 1e-5 * abs(one["test"][key]), (key, r, one["test"])

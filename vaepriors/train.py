@@ -130,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exemplar priors: exemplars per step M, 'half' (M = N/2, the paper's) or 'all' "
                         "(leave-one-out over all N) [exemplar: half; exemplar-rat: all]")
     g.add_argument("--rat-k", type=int, default=10, help="exemplar-rat: neighbours retrieved per training point")
+    g.add_argument("--shard", action="store_true",
+                   help="exemplar priors under torchrun: each rank holds its block of the exemplars")
 
     g = p.add_argument_group("model")
     g.add_argument("--latent-dim", type=int, default=40, help="size d of z")
@@ -203,13 +205,14 @@ def to_argv(config: TrainConfig) -> list[str]:
     """
     argv: list[str] = []
     for name, value in config.to_dict().items():
-        if value is None or name in ("progress", "validate", "normalize_grad", "resume"):
+        if value is None or name in ("progress", "validate", "normalize_grad", "resume", "shard"):
             continue
         argv += [_flag(name), *map(str, value)] if name == "hidden" else [_flag(name), repr(value) if name == "lr" else str(value)]
     for name in ("progress", "validate", "normalize_grad"):
         argv.append(_flag(name) if getattr(config, name) else "--no-" + _flag(name)[2:])
-    if config.resume:
-        argv.append("--resume")
+    for name in ("resume", "shard"):
+        if getattr(config, name):
+            argv.append(_flag(name))
     return argv
 
 

@@ -175,6 +175,15 @@ class TrainConfig:
         threads: CPU threads for torch, 0 for torch's choice.
         progress: progress bars on a terminal, status lines in a log; ``False`` prints the
             epoch lines only.
+        shard: exemplar priors under torch.distributed: each rank holds its block of the
+            exemplars (``ExemplarPrior(shard=True)``).
+
+    Under ``torchrun`` (or inside an initialised process group) :func:`fit` trains with
+    DistributedDataParallel: every rank draws the same global batch (and the same posterior
+    noise) and takes its block of rows, the loss is scaled so that DDP's averaged gradient is
+    the global batch's, and rank 0 prints and writes the outputs (each rank writes its own
+    checkpoint when the prior is sharded). Two ranks then reproduce one process's run with the
+    same seed, to rounding.
 
     Example:
         >>> c = TrainConfig(dataset="mnist", epochs=2)
@@ -214,6 +223,7 @@ class TrainConfig:
     validate: bool = True
     threads: int | None = None
     progress: bool = True
+    shard: bool = False
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -311,7 +321,9 @@ def _exemplar(config: TrainConfig, splits: Splits, encoder: nn.Module, decoder: 
 
     # Grey-level exemplars (the training images; row = training index, for leave-one-out).
     m = exemplar_subsample_size(config, len(splits.exemplars))
-    return ExemplarPrior(splits.exemplars, n_subsample=m, k=k, generator=config.seed, progress=config.progress)
+    return ExemplarPrior(
+        splits.exemplars, n_subsample=m, k=k, generator=config.seed, progress=config.progress, shard=config.shard
+    )
 
 
 def _exemplar_rat(config: TrainConfig, splits: Splits, encoder: nn.Module, decoder: nn.Module) -> Prior:
@@ -329,7 +341,11 @@ def _coreset(config: TrainConfig, splits: Splits, encoder: nn.Module, decoder: n
     prior = PseudocoresetPrior.from_data(splits.train, k, generator=torch.Generator().manual_seed(config.seed))
     # Grey-level data in the update: for a Bernoulli decoder, x.l - softplus(l) at grey x is
     # the expected log-likelihood over the random binarisations the ELBO trains on.
-    return prior.schedule_updates(decoder, splits.train, every=config.coreset_every, progress=config.progress)
+    # Under torch.distributed each rank takes its part of every update batch of 100.
+    ranks = _ranks()[1]
+    return prior.schedule_updates(
+        decoder, splits.train, every=config.coreset_every, progress=config.progress, batch_size=max(1, 100 // ranks)
+    )
 
 
 PRIORS: dict[str, PriorBuilder] = {
@@ -459,9 +475,10 @@ class _Output:
     """Lines, and progress bars that do not break them: tqdm bars on a terminal, status lines
     in a log (see :class:`_StatusLines`), nothing but lines without ``progress``."""
 
-    def __init__(self, progress: bool) -> None:
-        self.progress = progress
-        self.terminal = progress and sys.stderr.isatty()
+    def __init__(self, progress: bool, quiet: bool = False) -> None:
+        self.progress = progress and not quiet
+        self.quiet = quiet  # ranks other than 0 under torch.distributed: no output at all
+        self.terminal = self.progress and sys.stderr.isatty()
         self.status: _StatusLines | None = None
 
     @contextlib.contextmanager
@@ -489,6 +506,8 @@ class _Output:
         return tqdm(it, desc=desc, leave=False, dynamic_ncols=self.terminal, **kwargs)
 
     def write(self, line: str) -> None:
+        if self.quiet:
+            return
         if self.terminal:
             from tqdm.auto import tqdm
 
@@ -589,12 +608,58 @@ def fit(config: TrainConfig) -> dict[str, Any]:
     if config.threads:
         torch.set_num_threads(config.threads)
     set_validation(config.validate)
+    started = _join_torchrun(config)
     try:
-        with _Output(config.progress).active() as output:
+        with _Output(config.progress, quiet=_ranks()[0] > 0).active() as output:
             return _fit(config, output)
     finally:
         torch.set_num_threads(threads)
         set_validation(validate)
+        if started:
+            import torch.distributed as td
+
+            td.destroy_process_group()
+
+
+def _ranks() -> tuple[int, int]:
+    """``(rank, world size)`` of torch.distributed; ``(0, 1)`` without a process group."""
+    import torch.distributed as td
+
+    if td.is_available() and td.is_initialized():
+        return td.get_rank(), td.get_world_size()
+    return 0, 1
+
+
+def _join_torchrun(config: TrainConfig) -> bool:
+    """Under torchrun (``WORLD_SIZE`` > 1 in the environment, no process group yet) starts
+    the process group: NCCL for CUDA, else gloo. Whether it started one."""
+    import torch
+    import torch.distributed as td
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not td.is_available() or td.is_initialized():
+        return False
+    cuda = _device(config.device).type == "cuda"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    td.init_process_group("nccl" if cuda else "gloo")
+    return True
+
+
+def _rank_file(path: Path, sharded: bool) -> Path:
+    """Rank 0 writes ``path``; a sharded prior's other ranks their own ``<stem>.rank<r>.pt``."""
+    rank = _ranks()[0]
+    return path if rank == 0 or not sharded else path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
+
+
+def _barrier(what: str) -> None:
+    """Waits for every rank (within vaepriors.distributed's timeout)."""
+    import torch
+
+    from . import distributed as vdist
+
+    comm = vdist.comm()
+    if comm is not None:
+        vdist.all_reduce_sum(torch.zeros(1), comm, what)
 
 
 def _device(name: str) -> torch.device:
@@ -664,11 +729,18 @@ def _describe_prior(config: TrainConfig, n: int) -> str:
 def _fit(config: TrainConfig, output: _Output) -> dict[str, Any]:
     import torch
 
+    from . import distributed as vdist
     from .data import mnist_root
+    from .distributed import shard_range
 
     out = Path(config.out)
     device = _device(config.device)
-    ckpt_path, best_path = out / "checkpoint.pt", out / "best.pt"
+    rank, ranks = _ranks()
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    sharded = config.shard and ranks > 1 and config.prior in ("exemplar", "exemplar-rat")
+    ckpt_path, best_path = _rank_file(out / "checkpoint.pt", sharded), _rank_file(out / "best.pt", sharded)
+    writes = rank == 0 or sharded  # the ranks that save checkpoints
     state = None
     if config.resume:
         if not ckpt_path.is_file():
@@ -686,6 +758,11 @@ def _fit(config: TrainConfig, output: _Output) -> dict[str, Any]:
         output.write(f"vaepriors-train: loading MNIST from '{mnist_root(config.data_dir, root_name='data_dir')[0]}'")
     splits = _load_splits(config).to(device)
     elbo = build_model(config, splits, device)
+    model = elbo
+    if ranks > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(elbo, device_ids=[device.index] if device.type == "cuda" else None)
     params = [p for p in elbo.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=config.lr)
     loader = splits.train_loader(config.batch_size, seed=config.seed)
@@ -712,6 +789,7 @@ def _fit(config: TrainConfig, output: _Output) -> dict[str, Any]:
         f"vaepriors-train: prior={config.prior}{_describe_prior(config, len(splits.train))} dataset={splits.name} "
         f"({len(splits.train)} train / {len(splits.valid)} valid / {len(splits.test)} test) device={device} "
         f"threads={torch.get_num_threads()} parameters={n_params:,}"
+        + (f" ranks={ranks}{' (exemplars sharded)' if sharded else ''}" if ranks > 1 else "")
         + (f" (resuming after epoch {start - 1})" if state is not None else "")
     )
     steps_note = "" if config.max_steps is None else f", at most {config.max_steps} steps"
@@ -731,9 +809,18 @@ def _fit(config: TrainConfig, output: _Output) -> dict[str, Any]:
         bar = output.bar(loader, f"epoch {epoch}/{config.epochs}", unit="step")
         seen = steps = 0
         for x, _, index in bar:
-            res = elbo(x, index, kl_weight=beta)
+            if ranks > 1:
+                # One global batch and one global noise draw on every rank (same seed); each
+                # rank its block of rows, its loss scaled so DDP's average is the batch mean.
+                noise = torch.randn(1, len(x), config.latent_dim, device=device)
+                lo, hi = shard_range(len(x), rank, ranks)
+                res = model(x[lo:hi], index[lo:hi], kl_weight=beta, noise=noise[:, lo:hi])
+                loss = res.loss * ((hi - lo) * ranks / len(x))
+            else:
+                res = model(x, index, kl_weight=beta)
+                loss = res.loss
             optimizer.zero_grad(set_to_none=True)
-            res.loss.backward()
+            loss.backward()
             if config.normalize_grad:
                 grads = [p.grad for p in params if p.grad is not None]
                 norms = torch._foreach_norm(grads)
@@ -751,6 +838,8 @@ def _fit(config: TrainConfig, output: _Output) -> dict[str, Any]:
             elbo.on_epoch_end(epoch - 1)  # the hook counts epochs from 0
         _sync(device)
         seconds = time.perf_counter() - t0
+        if ranks > 1:
+            sums = vdist.all_reduce_sum(sums, vdist.comm(), "training: summing the epoch's ELBO over ranks")
         train = dict(zip(("elbo", "reconstruction", "kl"), (sums / seen).tolist()))
         t1 = time.perf_counter()
         valid = evaluate(elbo, splits.valid, config.eval_batch_size, progress=output.progress, desc="validation")
@@ -762,7 +851,8 @@ def _fit(config: TrainConfig, output: _Output) -> dict[str, Any]:
         improved = valid["elbo"] > best["valid_elbo"]
         if improved:
             best, bad_epochs = {"epoch": epoch, "valid_elbo": valid["elbo"]}, 0
-            _save({"model": elbo.state_dict(), "epoch": epoch}, best_path)
+            if writes:
+                _save({"model": elbo.state_dict(), "epoch": epoch}, best_path)
         else:
             bad_epochs += 1
             stopped_early = bad_epochs >= config.patience
@@ -774,22 +864,24 @@ def _fit(config: TrainConfig, output: _Output) -> dict[str, Any]:
             + ("  *" if improved else "")
             + (f"  ({steps} of {len(loader)} steps)" if partial else "")
         )
-        _save(
-            {
-                "epoch": epoch, "step": step, "model": elbo.state_dict(), "optimizer": optimizer.state_dict(),
-                "loader": loader.state_dict(), "rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                "history": history, "best": best, "bad_epochs": bad_epochs, "stopped_early": stopped_early,
-                "config": config.to_dict(),
-            },
-            ckpt_path,
-        )  # fmt: skip
+        if writes:
+            _save(
+                {
+                    "epoch": epoch, "step": step, "model": elbo.state_dict(), "optimizer": optimizer.state_dict(),
+                    "loader": loader.state_dict(), "rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                    "history": history, "best": best, "bad_epochs": bad_epochs, "stopped_early": stopped_early,
+                    "config": config.to_dict(),
+                },
+                ckpt_path,
+            )  # fmt: skip
         if stopped_early:
             output.write(f"early stopping: no better validation ELBO for {config.patience} epochs")
         elif reached():
             output.write(f"stopping: {step} optimiser steps (max_steps)")
 
     # Test numbers use the weights with the best validation ELBO.
+    _barrier("training: waiting for rank 0's best.pt")
     elbo.load_state_dict(torch.load(best_path, map_location=device, weights_only=True)["model"])
     test = evaluate(elbo, splits.test, config.eval_batch_size, progress=output.progress, desc="test ELBO")
     ll, ll_note = _test_log_likelihood(elbo, splits.test, config, output)
@@ -811,8 +903,14 @@ def _fit(config: TrainConfig, output: _Output) -> dict[str, Any]:
         "seconds_per_epoch": sum(h["seconds"] for h in history) / len(history),
         "test": test,
     }
+    if rank > 0:
+        return metrics
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    written = ["metrics.json", "checkpoint.pt", "best.pt"] + _plots(elbo, config, splits, history, best, out, output)
+    written = ["metrics.json", "checkpoint.pt", "best.pt"]
+    if sharded:
+        output.write("sample grids skipped: the exemplars are sharded over the ranks (no rank can sample alone)")
+    else:
+        written += _plots(elbo, config, splits, history, best, out, output)
 
     output.write(f"\nsummary ({config.prior} prior on {splits.name}, {metrics['epochs_run']} epochs, "
                  f"{metrics['seconds_per_epoch']:.2f} s/epoch)")  # fmt: skip
@@ -834,7 +932,9 @@ def _test_log_likelihood(elbo: ExemplarELBO, x: Tensor, config: TrainConfig, out
 
     output.write(f"test log-likelihood: {len(x)} images x S = {config.eval_samples} importance samples")
     gen = torch.Generator(device=x.device).manual_seed(config.seed)
-    ll = log_likelihood(elbo, x, config.eval_samples, batch_size=config.eval_batch_size, generator=gen, progress=output.progress)
+    split = {"distributed": True} if _ranks()[1] > 1 else {}  # a block of points per rank
+    ll = log_likelihood(elbo, x, config.eval_samples, batch_size=config.eval_batch_size, generator=gen,
+                        progress=output.progress, **split)
     out = {"log_likelihood": float(ll.mean), "log_likelihood_std_error": float(ll.std_error), "eval_samples": config.eval_samples}
     return out, f"+- {out['log_likelihood_std_error']:.3f}, importance sampling, S={config.eval_samples}"
 
