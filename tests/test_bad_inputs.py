@@ -99,3 +99,16 @@ def test_bad_input_raises_a_clear_error(case):
     call, match = CASES[case]
     with pytest.raises(vp.VAEPriorsError, match=match):
         call()
+
+
+def test_training_command_names_bad_out_and_checkpoints(tmp_path):
+    from vaepriors.train import parse_args, run
+
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with pytest.raises(vp.VAEPriorsError, match="--out must be a folder"):
+        run(parse_args(["--out", str(afile), "--epochs", "1", "--no-progress"]))
+    (tmp_path / "ck").mkdir()
+    torch.save({"model": {}}, tmp_path / "ck" / "checkpoint.pt")
+    with pytest.raises(vp.VAEPriorsError, match="not a checkpoint of this training command"):
+        run(parse_args(["--out", str(tmp_path / "ck"), "--resume", "--epochs", "1", "--no-progress"]))

@@ -746,11 +746,20 @@ def _fit(config: TrainConfig, output: _Output) -> dict[str, Any]:
         if not ckpt_path.is_file():
             raise VAEPriorsError(f"`resume`: no checkpoint at '{ckpt_path}'")
         state = torch.load(ckpt_path, map_location=device, weights_only=True)
+        if not isinstance(state, dict) or not {"model", "optimizer", "epoch"} <= set(state) or not (
+            "config" in state or "args" in state
+        ):
+            raise VAEPriorsError(
+                f"`resume`: '{ckpt_path}' is not a checkpoint of this training command (it lacks its options, "
+                "model, optimiser or epoch)"
+            )
         saved = state["config"] if "config" in state else _old_options(state.get("args", {}))
         changed = {k: (saved.get(k), getattr(config, k)) for k in _FIXED_ON_RESUME if not _same(saved.get(k), getattr(config, k))}
         if changed:
             diff = ", ".join(f"`{k}` {a} -> {b}" for k, (a, b) in changed.items())
             raise VAEPriorsError(f"`resume` with different model or data options than the checkpoint: {diff}")
+    if out.exists() and not out.is_dir():
+        raise VAEPriorsError(f"`out` must be a folder (it is created if missing); '{out}' is a file")
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
 
