@@ -468,21 +468,25 @@ def plot(report: dict, path: Path) -> None:
         ("strong", "train_s", "strong: training step, subsampling (s)"),
     ]
     for ax, (scaling, key, title) in zip(axes, panels):
-        for mode, style in (("replicated", "o-"), ("shard", "s-")):
-            pts = sorted((r["R"], r[key]) for r in rows if r["scaling"] == scaling and (r["mode"] == mode or r["R"] == 1))
-            if pts:
-                ax.plot(*zip(*pts), style, label=mode)
+        for mode, colour, marker in (("replicated", "tab:blue", "o"), ("shard", "tab:orange", "s")):
+            keys = [(key, "-", "wall")] + ([(key.replace("_s", "_cpu_s"), "--", "CPU")] if key.endswith("_s") else [])
+            for k, ls, what in keys:
+                pts = sorted((r["R"], r[k]) for r in rows if r["scaling"] == scaling and (r["mode"] == mode or r["R"] == 1))
+                if pts:
+                    label = f"{mode} ({what})" if key.endswith("_s") else mode
+                    ax.plot(*zip(*pts), ls, marker=marker, color=colour, label=label)
         one = [r[key] for r in rows if r["scaling"] == scaling and r["R"] == 1]
         if one and key in ("eval_cached_s", "eval_resident_mib") and scaling == "strong":
             rs = sorted({r["R"] for r in rows})
             ax.plot(rs, [one[0] / x for x in rs], "k:", lw=1, label="1/R")
-        ax.set_xlabel("ranks R (gloo, 1 thread each; R = 3 oversubscribes 2 cores)")
+        ax.set_xlabel("ranks R (R = 3: 2 cores oversubscribed)")
         ax.set_title(title, fontsize=9)
         ax.set_xticks(sorted({r["R"] for r in rows}))
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"bench_distributed ({report['meta']['device_name']}, load {report['meta']['load_start']})", fontsize=9)
+    fig.suptitle(f"bench_distributed: gloo, 1 thread per rank ({report['meta']['device_name']}, "
+                 f"{report['meta']['cpu_count']} cores, load average {report['meta']['load_start']})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
