@@ -15,7 +15,7 @@ from torch.distributions import Distribution
 from . import _checks
 from . import distributed as dist
 from .encoder import Location, Posterior
-from .engine import LogSumExp, mixture_logsumexp
+from .engine import LogSumExp, get_memory_budget, mixture_logsumexp
 from .errors import VAEPriorsError
 from .exemplar_set import ExemplarSet
 from .prior import BasePrior
@@ -208,7 +208,10 @@ class ExemplarPrior(BasePrior):
         k: RAT neighbours per z (``1 <= k <= N - 1``, and ``<= M``), or ``None`` for no RAT.
         refresh_every: full RAT cache refresh every this many :meth:`on_epoch_end` calls.
         init_log_var: initial :math:`\log\sigma^2`.
-        chunk_size: exemplars encoded per encoder call.
+        chunk_size: exemplars encoded per encoder call; ``None``: as many as fit
+            ``memory_budget`` (the engine's default when that is ``None``) at 16 float
+            copies of one input each (the input, its conversion and the encoder's
+            activations), at most 4096: 4096 MNIST digits, ~340 RGB 64x64 images.
         generator: a :class:`torch.Generator` or an int seed for the subsets and samples
             (``None``: torch's global generator; a private one, seeded from rank 0, under
             torch.distributed).
@@ -250,7 +253,7 @@ class ExemplarPrior(BasePrior):
         k: int | None = None,
         refresh_every: int = 1,
         init_log_var: float = 0.0,
-        chunk_size: int = 4096,
+        chunk_size: int | None = None,
         generator: torch.Generator | int | None = None,
         backend: str = "auto",
         memory_budget: int | None = None,
@@ -269,7 +272,7 @@ class ExemplarPrior(BasePrior):
         self.k = None if k is None else _checks.positive_int(k, "k")
         self._check_sizes(len(exemplars))
         self.refresh_every = _checks.positive_int(refresh_every, "refresh_every")
-        self.chunk_size = _checks.positive_int(chunk_size, "chunk_size")
+        self._chunk_size = None if chunk_size is None else _checks.positive_int(chunk_size, "chunk_size")
         init_log_var = _checks.number(init_log_var, "init_log_var")
         if location is not None and not callable(location):
             raise VAEPriorsError(f"`location` must be callable or None, got {type(location).__name__}")
@@ -423,16 +426,38 @@ class ExemplarPrior(BasePrior):
         p = self.log_var
         if self._latent_dim is None:
             self.latent_dim  # noqa: B018 (encodes one exemplar to learn d)
-        chunks = self._set.chunks(self.chunk_size, p.dtype, p.device, index)
+        size = self.chunk_size
+        n = self.n_local if index is None else index.numel()
+        chunks = self._set.chunks(size, p.dtype, p.device, index)
         if progress and self._show_progress():
             from tqdm.auto import tqdm
 
-            n = self.n_local if index is None else index.numel()
-            chunks = tqdm(chunks, total=-(-n // self.chunk_size), desc="encoding exemplars", unit="chunk", leave=False)
-        parts = [self._points(x) for x in chunks]
-        if not parts:
-            return p.new_zeros(0, self._latent_dim)
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+            chunks = tqdm(chunks, total=-(-n // size), desc="encoding exemplars", unit="chunk", leave=False)
+        if torch.is_grad_enabled():
+            parts = [self._points(x) for x in chunks]
+            if not parts:
+                return p.new_zeros(0, self._latent_dim)
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
+        # Without gradients each chunk's points go straight into one buffer: nothing else of
+        # the encoder's outputs (e.g. the log-variances a chunk(2) view keeps alive) is held.
+        out, start = None, 0
+        for x in chunks:
+            point = self._points(x)
+            if out is None:
+                out = point.new_empty(n, point.shape[1])
+            out[start : start + len(point)] = point
+            start += len(point)
+        return p.new_zeros(0, self._latent_dim) if out is None else out
+
+    @property
+    def chunk_size(self) -> int:
+        r"""Exemplars encoded per encoder call (see the ``chunk_size`` argument)."""
+        if self._chunk_size is not None:
+            return self._chunk_size
+        budget = get_memory_budget() if self.memory_budget is None else self.memory_budget
+        one = self._example_input()
+        per_row = 16 * one[0].numel() * max(one.element_size(), 4)
+        return int(max(1, min(4096, budget // per_row)))
 
     def _all_means(self, split: bool = False) -> Tensor:
         """The points of all exemplars this process holds, without gradients; with
@@ -629,7 +654,8 @@ class ExemplarPrior(BasePrior):
         if comm is not None:
             what = "ExemplarPrior.log_prob: gathering the queries of all ranks"
             queries, sizes = dist.gather_rows(queries, comm, what)
-            own = dist.all_gather_rows(own, comm, what)[0]
+            # Evaluation excludes nothing: only training needs every rank's indices.
+            own = dist.all_gather_rows(own, comm, what)[0] if self.training else own.new_full((len(queries),), -1)
             start = sum(sizes[: comm.rank])
         if not self.training:
             means = self._eval_means()

@@ -33,7 +33,7 @@ def default_transform(x: Tensor, dtype: torch.dtype) -> Tensor:
         tensor([0.0000, 0.2000, 1.0000])
     """
     if x.dtype == torch.uint8:
-        return x.to(dtype) / 255
+        return x.to(dtype).div_(255)  # in place: one float copy of the chunk, not two
     return x.to(dtype)
 
 
