@@ -3,7 +3,7 @@ r"""Chunked torch backend: blocks over queries AND components, online max/sum, b
 Forward and backward both visit the B x N exponent matrix block by block; nothing larger
 than one block (a few ``bc x nc`` tensors, ``bc * nc`` set by the memory budget) is ever
 held. The backward is a custom :class:`torch.autograd.Function` that keeps only the inputs
-and the per-query log-sum-exp, and recomputes the probabilities block by block. Double
+and the per-query partial (max, sum), and recomputes the probabilities block by block. Double
 backward is not supported (use the dense backend for that).
 """
 
@@ -92,11 +92,14 @@ def _ranges(total: int, step: int) -> list[slice]:
     return [slice(s, min(s + step, total)) for s in range(0, total, step)]
 
 
-def _forward(z: Tensor, means: Tensor, log_var: Tensor, a: Tensor, ex: Tensor | None, budget: int) -> Tensor:
+def _forward(
+    z: Tensor, means: Tensor, log_var: Tensor, a: Tensor, ex: Tensor | None, budget: int
+) -> tuple[Tensor, Tensor]:
     st = _Setup(z, means, log_var)
     b, n = z.shape[0], means.shape[0]
     bc, nc = blocks(b, n, z.element_size(), budget, z.device, z.shape[1])
-    out = torch.empty(b, dtype=z.dtype, device=z.device)
+    out_m = torch.empty(b, dtype=z.dtype, device=z.device)
+    out_s = torch.empty_like(out_m)
     for rows in _ranges(b, bc):
         zr, zc, zz = st.rows(rows)
         m = torch.full((rows.stop - rows.start,), -math.inf, dtype=z.dtype, device=z.device)
@@ -112,39 +115,41 @@ def _forward(z: Tensor, means: Tensor, log_var: Tensor, a: Tensor, ex: Tensor | 
             shift = safe_shift(m_new)
             s = s * torch.exp(m - shift) + arg.sub_(shift[:, None]).exp_().sum(1)
             m = m_new
-        out[rows] = LogSumExp(m, s).log()
-    return out
+        out_m[rows], out_s[rows] = m, s
+    return out_m, out_s
 
 
 class ChunkedLogSumExp(torch.autograd.Function):
-    r"""``L_i = log sum_{j != e_i} exp(a_j - |z_i - mu_j|^2_{s_j} / 2)`` with a block-wise backward.
+    r"""The partial ``(max_i, sum_i)`` of ``arg_ij = a_j - |z_i - mu_j|^2_{s_j} / 2`` over
+    ``j != e_i``, with a block-wise backward.
 
-    Saves only its inputs and ``L``; the backward recomputes each block's probabilities
-    ``P_ij = exp(arg_ij - L_i)`` and accumulates the gradients of ``z``, ``means``,
-    ``log_var`` (0-d, ``[N]`` or ``[N, d]``) and ``a``. Not twice differentiable.
+    Saves only its inputs and the partial; the backward recomputes each block's
+    ``exp(arg_ij - max_i)`` (``d sum_i / d arg_ij``) and accumulates the gradients of ``z``,
+    ``means``, ``log_var`` (0-d, ``[N]`` or ``[N, d]``) and ``a``. Not twice differentiable.
     """
 
     @staticmethod
     def forward(ctx, z, means, log_var, a, ex, budget):  # type: ignore[override]
-        out = _forward(z, means, log_var, a, ex, budget)
-        ctx.save_for_backward(z, means, log_var, a, ex, out)
+        m, s = _forward(z, means, log_var, a, ex, budget)
+        ctx.save_for_backward(z, means, log_var, a, ex, m, s)
         ctx.budget = budget
-        return out
+        ctx.mark_non_differentiable(m)
+        return m, s
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, grad_m, grad_s):  # type: ignore[override]
         with ieee_fp32():  # its GEMMs, like the forward's, in IEEE float32
-            return _backward(ctx, grad)
+            return _backward(ctx, grad_s)
 
 
 def _backward(ctx, grad):
-    z, means, log_var, a, ex, out = ctx.saved_tensors
+    z, means, log_var, a, ex, m, s = ctx.saved_tensors
     need_z, need_m, need_v, need_a = ctx.needs_input_grad[:4]
     st = _Setup(z, means, log_var)
     b, n = z.shape[0], means.shape[0]
     bc, nc = blocks(b, n, z.element_size(), ctx.budget, z.device, z.shape[1])
-    g, lse = backward_rows(grad, out)
+    g, shift = backward_rows(grad, m, s)
     gz = torch.zeros_like(z) if need_z else None
     gm = torch.zeros_like(means) if need_m else None
     ga = torch.zeros(n, dtype=z.dtype, device=z.device) if need_a else None
@@ -157,7 +162,9 @@ def _backward(ctx, grad):
             p = exponents(d2, inv, a[cols])
             if ex is not None:
                 exclude_(p, ex[rows] - cols.start, -math.inf)
-            p = p.sub_(lse[rows, None]).exp_().mul_(g[rows, None])  # dL/d(exponent)
+            # dL/d(exponent) = dL/d(sum) * exp(arg - max): the forward's own max and sum, so
+            # that exponents tied to float rounding share the probability as they do there.
+            p = p.sub_(shift[rows, None]).exp_().mul_(g[rows, None])
             if ga is not None:
                 ga[cols] += p.sum(0)
             if gv is not None and not st.diag:
@@ -208,7 +215,7 @@ def logsumexp(
     z: Tensor, means: Tensor, log_var: Tensor, a: Tensor, exclude: Tensor | None, *, memory_budget: int
 ) -> LogSumExp:
     a = a.expand(means.shape[0])
-    return LogSumExp.from_log(ChunkedLogSumExp.apply(z, means, log_var, a, exclude, memory_budget))
+    return LogSumExp(*ChunkedLogSumExp.apply(z, means, log_var, a, exclude, memory_budget))
 
 
 def knn(

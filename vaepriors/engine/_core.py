@@ -59,11 +59,17 @@ class LogSumExp(NamedTuple):
         return LogSumExp(m, (sum * torch.exp(max - safe_shift(m).unsqueeze(dim))).sum(dim))
 
 
-def backward_rows(grad: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
-    """The upstream gradient and log-sum-exp ``out`` a custom backward uses: rows whose
-    mixture is empty (``out = -inf``) get no gradient and a finite stand-in value."""
-    finite = torch.isfinite(out)
-    return torch.where(finite, grad, torch.zeros_like(grad)), torch.where(finite, out, torch.zeros_like(out))
+def backward_rows(grad_sum: Tensor, max: Tensor, sum: Tensor) -> tuple[Tensor, Tensor]:
+    """What a custom backward of a partial ``(max, sum)`` multiplies ``exp(arg - shift)``
+    by, and the shift: ``dL/d arg_ij = dL/d sum_i * exp(arg_ij - max_i)``. Empty rows
+    (``sum = 0``) get no gradient and a finite shift.
+
+    The backward must shift by the forward's max and scale by the gradient of its sum, not
+    normalise by the log-sum-exp ``L = max + log(sum)``: where ``|max|`` is large, ``L``
+    rounds to ``max`` (``log 2`` is below an ulp of 1e8 in float32), and ``exp(arg - L)``
+    would then give each of k tied components probability 1 instead of 1/k."""
+    keep = sum > 0
+    return torch.where(keep, grad_sum, torch.zeros_like(grad_sum)), torch.where(keep, safe_shift(max), torch.zeros_like(max))
 
 
 def safe_shift(m: Tensor) -> Tensor:

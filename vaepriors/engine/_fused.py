@@ -9,7 +9,7 @@ recomputed inside the kernel from the raw difference ``z - mu``, only in tiles t
 such a pair. Leave-one-out exclusion (query ``i`` skips column ``exclude[i]``) and zero
 weights (``a_j = -inf``) happen inside the kernel.
 
-The backward (:class:`FusedLogSumExp`) saves only the inputs and the per-row log-sum-exp
+The backward (:class:`FusedPartial`) saves only the inputs and the per-row max and sum
 and recomputes the probabilities tile by tile in two kernels: one over query tiles (the
 gradient of ``z``) and one over component tiles (``means``, ``log_var``, ``a``). Two passes
 instead of atomics: every output is written by one program, so the gradients are
@@ -434,35 +434,39 @@ def _programs(device: torch.device) -> int:
     return _device_programs(device.index if device.index is not None else torch.cuda.current_device())
 
 
-class FusedLogSumExp(torch.autograd.Function):
-    r"""``L_i = log sum_{j != e_i} exp(a_j - inv_j |z_i - mu_j|^2 / 2)`` by the fused kernels.
+class FusedPartial(torch.autograd.Function):
+    r"""The partial ``(max_i, sum_i)`` of ``arg_ij = a_j - inv_j |z_i - mu_j|^2 / 2`` over
+    ``j != e_i``, by the fused kernels.
 
-    Saves the inputs and ``L``; the backward recomputes the probabilities tile by tile
-    (gradients of ``z``, ``means``, ``log_var`` (0-d or ``[N]``) and ``a``). Not twice
-    differentiable.
+    Saves the inputs and the partial; the backward recomputes ``exp(arg_ij - max_i)`` tile
+    by tile, times the gradient of ``sum_i`` (gradients of ``z``, ``means``, ``log_var``
+    (0-d or ``[N]``) and ``a``). Not twice differentiable.
     """
 
     @staticmethod
     def forward(ctx, z, means, log_var, a, ex):  # type: ignore[override]
         k = _Launch(z, means, log_var, a, ex)
         if k.b == 0:  # a CUDA launch needs a non-empty grid
-            out = z.new_empty(0)
+            part = LogSumExp(z.new_empty(0), z.new_empty(0))
         else:
             parts = k.splits("fwd")[1]
             m = z.new_empty(parts, k.b)
             s = torch.empty_like(m)
             k.launch("fwd", m, s)
-            out = LogSumExp.reduce(m, s, 0).log()
-        ctx.save_for_backward(z, means, log_var, a, ex, out)
-        return out
+            part = LogSumExp.reduce(m, s, 0)
+        ctx.save_for_backward(z, means, log_var, a, ex, *part)
+        ctx.mark_non_differentiable(part.max)
+        return part.max, part.sum
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):  # type: ignore[override]
-        z, means, log_var, a, ex, out = ctx.saved_tensors
+    def backward(ctx, grad_m, grad_s):  # type: ignore[override]
+        z, means, log_var, a, ex, m, s = ctx.saved_tensors
         need_z, need_m, need_v, need_a = ctx.needs_input_grad[:4]
         k = _Launch(z, means, log_var, a, ex)
-        g, lse = (t.contiguous() for t in backward_rows(grad, out))
+        # The kernels take exp(arg - LSE) * G: the forward's max and the gradient of its sum
+        # (see _core.backward_rows).
+        g, lse = (t.contiguous() for t in backward_rows(grad_s, m, s))
         gz = gm = gv = ga = None
         if need_z:
             gz = torch.zeros_like(k.z)
@@ -484,13 +488,22 @@ class FusedLogSumExp(torch.autograd.Function):
         return gz, gm, gv, ga, None
 
 
+class FusedLogSumExp:
+    """``FusedLogSumExp.apply(z, means, log_var, a, exclude)``: the log-sum-exp itself (what
+    ``benchmarks/tune_fused.py`` times), through :class:`FusedPartial`."""
+
+    @staticmethod
+    def apply(z: Tensor, means: Tensor, log_var: Tensor, a: Tensor, ex: Tensor | None) -> Tensor:
+        return LogSumExp(*FusedPartial.apply(z, means, log_var, a, ex)).log()
+
+
 def logsumexp(
     z: Tensor, means: Tensor, log_var: Tensor, a: Tensor, exclude: Tensor | None, *, memory_budget: int
 ) -> LogSumExp:
     if not usable_shape(z.shape[1], log_var.dim() < 2):  # diagonal scales, very wide d
         return _chunked.logsumexp(z, means, log_var, a, exclude, memory_budget=memory_budget)
     a = a.expand(means.shape[0])
-    return LogSumExp.from_log(FusedLogSumExp.apply(z, means, log_var, a, exclude))
+    return LogSumExp(*FusedPartial.apply(z, means, log_var, a, exclude))
 
 
 def knn(

@@ -186,26 +186,30 @@ class _Vars:
 
 
 class KeOpsLogSumExp(torch.autograd.Function):
-    r"""The mixture log-sum-exp as three KeOps reductions (forward, backward over components,
-    backward over queries). Not twice differentiable."""
+    r"""The partial ``(max, sum)`` of the mixture's exponents as three KeOps reductions
+    (forward, backward over components, backward over queries). Not twice differentiable."""
 
     @staticmethod
     def forward(ctx, z, means, log_var, a, ex):  # type: ignore[override]
         v = _Vars(z, means, log_var, a, ex)
-        out = v.exponent().logsumexp(dim=1, backend=_scheme(z.device, z.shape[0])).view(-1)
-        out = torch.where(out < SENTINEL / 2, torch.full_like(out, -float("inf")), out)
-        ctx.save_for_backward(z, means, log_var, a, ex, out)
-        return out
+        red = v.exponent().reduction("Max_SumShiftExp", dim=1, backend=_scheme(z.device, z.shape[0]))
+        m, s = red[:, 0].contiguous(), red[:, 1].contiguous()
+        empty = m < SENTINEL / 2  # only excluded pairs and zero weights
+        m = torch.where(empty, torch.full_like(m, -float("inf")), m)
+        s = torch.where(empty, torch.zeros_like(s), s)
+        ctx.save_for_backward(z, means, log_var, a, ex, m, s)
+        ctx.mark_non_differentiable(m)
+        return m, s
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):  # type: ignore[override]
-        z, means, log_var, a, ex, out = ctx.saved_tensors
+    def backward(ctx, grad_m, grad_s):  # type: ignore[override]
+        z, means, log_var, a, ex, m, s = ctx.saved_tensors
         need_z, need_m, need_v, need_a = ctx.needs_input_grad[:4]
         v = _Vars(z, means, log_var, a, ex)
         LT = v.LazyTensor
-        g, lse = backward_rows(grad, out)
-        prob = (v.exponent() - LT(lse[:, None, None].contiguous())).exp()  # P_ij
+        g, shift = backward_rows(grad_s, m, s)  # the forward's max, the gradient of its sum
+        prob = (v.exponent() - LT(shift[:, None, None].contiguous())).exp()  # d sum / d arg
         gz = gm = gv = ga = None
         if need_z:
             red = (prob * (v.vj * (v.mj - v.zi))).sum(dim=1, backend=_scheme(z.device, z.shape[0]))
@@ -232,7 +236,7 @@ def logsumexp(
     z: Tensor, means: Tensor, log_var: Tensor, a: Tensor, exclude: Tensor | None, *, memory_budget: int
 ) -> LogSumExp:
     a = a.expand(means.shape[0])
-    return LogSumExp.from_log(KeOpsLogSumExp.apply(z, means, log_var, a, exclude))
+    return LogSumExp(*KeOpsLogSumExp.apply(z, means, log_var, a, exclude))
 
 
 def knn(
