@@ -15,18 +15,16 @@ import torch
 from torch import Tensor
 
 from ._core import (
+    Frame,
     LogSumExp,
     backward_rows,
     block_sq_dist,
     exclude_,
     exponents,
-    gemm_inverse_variance,
     ieee_fp32,
-    inverse_variance,
-    pieces,
     plan_blocks,
     safe_shift,
-    sq_norms,
+    scaled_diff,
 )
 
 # Largest block on each device type when the budget allows more: blocks that stay in the
@@ -61,32 +59,6 @@ def memory(b: int, n: int, d: int, elem: int, budget: int, device: torch.device,
     return _memory(b, n, d, elem, *blocks(b, n, elem, budget, device, d))
 
 
-def _slice(x: Tensor, s: slice) -> Tensor:
-    return x if x.dim() == 0 else x[s]
-
-
-class _Setup:
-    """Centring and scales, applied block by block so that no input-sized copy is made."""
-
-    def __init__(self, z: Tensor, means: Tensor, log_var: Tensor) -> None:
-        self.z, self.means, self.log_var = z, means, log_var
-        self.c = means.mean(0)
-        self.diag = log_var.dim() == 2
-
-    def rows(self, rows: slice) -> tuple[Tensor, Tensor, Tensor]:
-        """Raw and centred queries of a block, and their squared norms (per coordinate if diagonal)."""
-        z = self.z[rows]
-        zc = z - self.c
-        return z, zc, zc * zc if self.diag else (zc * zc).sum(-1)
-
-    def cols(self, cols: slice) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Raw and centred means of a block, their inverse variances and squared (scaled) norms."""
-        m = self.means[cols]
-        mc = m - self.c
-        inv = inverse_variance(_slice(self.log_var, cols))
-        return m, mc, inv, sq_norms(mc, mc, inv)[1]
-
-
 def _ranges(total: int, step: int) -> list[slice]:
     step = max(step, 1)  # an empty batch plans blocks of 0 rows
     return [slice(s, min(s + step, total)) for s in range(0, total, step)]
@@ -95,28 +67,34 @@ def _ranges(total: int, step: int) -> list[slice]:
 def _forward(
     z: Tensor, means: Tensor, log_var: Tensor, a: Tensor, ex: Tensor | None, budget: int
 ) -> tuple[Tensor, Tensor]:
-    st = _Setup(z, means, log_var)
+    fr = Frame(z, means, log_var)
     b, n = z.shape[0], means.shape[0]
     bc, nc = blocks(b, n, z.element_size(), budget, z.device, z.shape[1])
     out_m = torch.empty(b, dtype=z.dtype, device=z.device)
     out_s = torch.empty_like(out_m)
     for rows in _ranges(b, bc):
-        zr, zc, zz = st.rows(rows)
+        rw = fr.rows(rows)
         m = torch.full((rows.stop - rows.start,), -math.inf, dtype=z.dtype, device=z.device)
         s = torch.zeros_like(m)
         for cols in _ranges(n, nc):
-            mr, mc, inv, mm = st.cols(cols)
-            d2, _ = block_sq_dist(zc, zz, mc, mm, inv, zr, mr, inplace=True)
-            arg = exponents(d2, inv, a[cols])
-            del d2
-            if ex is not None:
-                exclude_(arg, ex[rows] - cols.start, -math.inf)
+            arg = _block_exponents(rw, fr.cols(cols), a, ex, rows, cols)[0]
             m_new = torch.maximum(m, arg.amax(1))
             shift = safe_shift(m_new)
             s = s * torch.exp(m - shift) + arg.sub_(shift[:, None]).exp_().sum(1)
             m = m_new
         out_m[rows], out_s[rows] = m, s
     return out_m, out_s
+
+
+def _block_exponents(rw, cl, a, ex, rows, cols, keep_dist=False):
+    """The exponents of a block, bit for bit the same in the forward and the backward
+    (the backward scales ``exp(arg - max)`` by the forward's max); with ``keep_dist`` also
+    the scaled distances ``D``."""
+    dist, near = block_sq_dist(rw, cl, inplace=True)
+    arg = exponents(dist.clone() if keep_dist else dist, a[cols], inplace=True)
+    if ex is not None:
+        exclude_(arg, ex[rows] - cols.start, -math.inf)
+    return arg, (dist if keep_dist else None), near
 
 
 class ChunkedLogSumExp(torch.autograd.Function):
@@ -146,69 +124,74 @@ class ChunkedLogSumExp(torch.autograd.Function):
 def _backward(ctx, grad):
     z, means, log_var, a, ex, m, s = ctx.saved_tensors
     need_z, need_m, need_v, need_a = ctx.needs_input_grad[:4]
-    st = _Setup(z, means, log_var)
+    fr = Frame(z, means, log_var)
     b, n = z.shape[0], means.shape[0]
     bc, nc = blocks(b, n, z.element_size(), ctx.budget, z.device, z.shape[1])
     g, shift = backward_rows(grad, m, s)
     gz = torch.zeros_like(z) if need_z else None
     gm = torch.zeros_like(means) if need_m else None
     ga = torch.zeros(n, dtype=z.dtype, device=z.device) if need_a else None
-    gv = torch.zeros(log_var.shape if st.diag else (n,), dtype=z.dtype, device=z.device) if need_v else None
+    gv = torch.zeros(log_var.shape if fr.diag else (n,), dtype=z.dtype, device=z.device) if need_v else None
     for rows in _ranges(b, bc):
-        zraw, zr, zz = st.rows(rows)
+        rw = fr.rows(rows)
         for cols in _ranges(n, nc):
-            mraw, mc, inv, mm = st.cols(cols)
-            d2, near = block_sq_dist(zr, zz, mc, mm, inv, zraw, mraw, inplace=True)
-            p = exponents(d2, inv, a[cols])
-            if ex is not None:
-                exclude_(p, ex[rows] - cols.start, -math.inf)
+            cl = fr.cols(cols)
+            p, dist, near = _block_exponents(rw, cl, a, ex, rows, cols, keep_dist=gv is not None and not fr.diag)
             # dL/d(exponent) = dL/d(sum) * exp(arg - max): the forward's own max and sum, so
             # that exponents tied to float rounding share the probability as they do there.
             p = p.sub_(shift[rows, None]).exp_().mul_(g[rows, None])
             if ga is not None:
                 ga[cols] += p.sum(0)
-            if gv is not None and not st.diag:
-                gv[cols] += 0.5 * inv * (p * d2).sum(0)
-            del d2
-            if not (need_z or need_m or (need_v and st.diag)):
+            if dist is not None:  # d(-D/2)/d log_var = D/2
+                gv[cols] += 0.5 * dist.mul_(p).sum(0)
+            del dist
+            if not (need_z or need_m or (need_v and fr.diag)):
                 continue
-            if not st.diag:
-                p = p.mul_(inv)  # now dL/d(-|z - mu|^2 / 2) per pair
-            # Near pairs go through the difference form, the rest through GEMMs.
-            pn = p[near.i, near.j]
-            p[near.i, near.j] = 0
-            if st.diag:
-                gi = gemm_inverse_variance(inv)  # = inv, but where every pair is near (p = 0)
-                mi = mc * gi
-                col = p.sum(0)
-                pz = p.T @ zr
+            # Near pairs through the difference form (then 0 in p), the rest through GEMMs.
+            for i, j in near.chunks():
+                w = p[i, j][:, None]
+                p.index_put_((i, j), p.new_zeros(()))
+                delta = scaled_diff(rw, cl, i, j, inplace=True)  # (z - mu) r
+                if gv is not None and fr.diag:
+                    gv[cols].index_add_(0, j, delta.square().mul_(0.5 * w))
+                r = cl.r if cl.r.dim() == 0 else cl.r[j]
+                delta.mul_(w * (r[:, None] if r.dim() == 1 else r))  # P inv (z - mu)
                 if gz is not None:
-                    gz[rows] += p @ mi - zr * (p @ gi)
+                    gz[rows].index_add_(0, i, delta, alpha=-1)
                 if gm is not None:
-                    gm[cols] += gi * pz - mi * col[:, None]
-                if gv is not None:
-                    gv[cols] += 0.5 * gi * (p.T @ zr.square() - 2 * mc * pz + mc.square() * col[:, None])
-            else:
-                if gz is not None:
-                    gz[rows] += p @ mc - zr * p.sum(1, keepdim=True)
-                if gm is not None:
-                    gm[cols] += p.T @ zr - mc * p.sum(0)[:, None]
-            del p
-            step = pieces(pn.shape[0], z.shape[1], bc * nc).step
-            for s in range(0, pn.shape[0], step):
-                i, j, w = near.i[s : s + step], near.j[s : s + step], pn[s : s + step, None]
-                diff = zraw[i] - mraw[j]  # z - mu, from the raw inputs
-                if st.diag:
-                    w = w * inv[j]
-                if gz is not None:
-                    gz[rows].index_add_(0, i, -w * diff)
-                if gm is not None:
-                    gm[cols].index_add_(0, j, w * diff)
-                if gv is not None and st.diag:
-                    gv[cols].index_add_(0, j, 0.5 * w * diff.square())
+                    gm[cols].index_add_(0, j, delta)
+                del delta
+            _gemm_grads(fr, rw, cl, p, gz, gm, gv, rows, cols)
     if gv is not None and log_var.dim() == 0:
         gv = gv.sum()
     return gz, gm, gv, ga, None, None
+
+
+def _gemm_grads(fr, rw, cl, p, gz, gm, gv, rows, cols) -> None:
+    """The gradients of the pairs left in ``p`` (near pairs zeroed), by GEMMs: in terms of
+    the centred operands, ``dL/dz_i = sum_j P_ij inv_j (mu_j - z_i)``, and its mirror."""
+    zq, mc = rw.q, cl.mc
+    if fr.scalar:  # q and mc are already times r: one more r outside
+        if gz is not None:
+            gz[rows] += cl.r * (p @ mc - zq * p.sum(1, keepdim=True))
+        if gm is not None:
+            gm[cols] += cl.r * (p.T @ zq - mc * p.sum(0)[:, None])
+    elif not fr.diag:
+        p = p.mul_(cl.g)  # P inv, inv capped (sharper columns are all near: 0 here)
+        if gz is not None:
+            gz[rows] += p @ mc - zq * p.sum(1, keepdim=True)
+        if gm is not None:
+            gm[cols] += p.T @ zq - mc * p.sum(0)[:, None]
+    else:
+        gi, mi = cl.g, cl.q  # mi = mc * gi
+        col = p.sum(0)
+        pz = p.T @ zq
+        if gz is not None:
+            gz[rows] += p @ mi - zq * (p @ gi)
+        if gm is not None:
+            gm[cols] += gi * pz - mi * col[:, None]
+        if gv is not None:
+            gv[cols] += 0.5 * gi * (p.T @ zq.square() - 2 * mc * pz + mc.square() * col[:, None])
 
 
 def logsumexp(
@@ -221,17 +204,16 @@ def logsumexp(
 def knn(
     queries: Tensor, points: Tensor, k: int, exclude: Tensor | None, *, memory_budget: int
 ) -> tuple[Tensor, Tensor]:
-    st = _Setup(queries, points, torch.zeros((), dtype=queries.dtype, device=queries.device))
+    fr = Frame(queries, points, torch.zeros((), dtype=queries.dtype, device=queries.device))
     b, n = queries.shape[0], points.shape[0]
     bc, nc = blocks(b, n, queries.element_size(), memory_budget, queries.device, queries.shape[1])
     vals = [queries.new_empty(0, k)]  # an empty batch gives [0, k]
     idxs = [torch.empty(0, k, dtype=torch.long, device=queries.device)]
     for rows in _ranges(b, bc):
-        zr, zc, zz = st.rows(rows)
+        rw = fr.rows(rows)
         best_v = best_i = None
         for cols in _ranges(n, nc):
-            mr, mc, inv, mm = st.cols(cols)
-            d2, _ = block_sq_dist(zc, zz, mc, mm, inv, zr, mr, inplace=True)
+            d2, _ = block_sq_dist(rw, fr.cols(cols), inplace=True)
             if exclude is not None:
                 exclude_(d2, exclude[rows] - cols.start, math.inf)
             v, i = torch.topk(d2, min(k, d2.shape[1]), dim=1, largest=False, sorted=False)

@@ -11,17 +11,7 @@ import math
 import torch
 from torch import Tensor
 
-from ._core import (
-    LogSumExp,
-    block_sq_dist,
-    centre,
-    exclude,
-    exclude_,
-    exponents,
-    inverse_variance,
-    safe_shift,
-    sq_norms,
-)
+from ._core import Frame, LogSumExp, block_sq_dist, exclude, exclude_, exponents, safe_shift
 
 # Floats per (query, component) cell at the peak, without / with the autograd graph (about
 # 2.5 and 4 measured on CPU with VmHWM, benchmarks/bench_engine.py).
@@ -39,12 +29,10 @@ def logsumexp(
 ) -> LogSumExp:
     # Without autograd the B x N temporaries are reused in place.
     inplace = not (torch.is_grad_enabled() and any(t.requires_grad for t in (z, means, log_var, a)))
-    zc, mc = centre(z, means)
-    inv = inverse_variance(log_var)
-    zz, mm = sq_norms(zc, mc, inv)
-    d2, _ = block_sq_dist(zc, zz, mc, mm, inv, z, means, inplace=inplace)
-    arg = exponents(d2, inv, a.expand(means.shape[0]))
-    del d2
+    fr = Frame(z, means, log_var)
+    dist, _ = block_sq_dist(fr.rows(), fr.cols(), inplace=inplace)
+    arg = exponents(dist, a.expand(means.shape[0]), inplace=inplace)
+    del dist
     if exclude_idx is not None:
         arg = exclude_(arg, exclude_idx, -math.inf) if inplace else exclude(arg, exclude_idx, -math.inf)
     m = arg.detach().amax(1)
@@ -56,10 +44,8 @@ def logsumexp(
 def knn(
     queries: Tensor, points: Tensor, k: int, exclude_idx: Tensor | None, *, memory_budget: int = 0
 ) -> tuple[Tensor, Tensor]:
-    zc, mc = centre(queries, points)
-    one = torch.ones((), dtype=zc.dtype, device=zc.device)
-    zz, mm = sq_norms(zc, mc, one)
-    d2, _ = block_sq_dist(zc, zz, mc, mm, one, queries, points, inplace=True)
+    fr = Frame(queries, points, torch.zeros((), dtype=queries.dtype, device=queries.device))
+    d2, _ = block_sq_dist(fr.rows(), fr.cols(), inplace=True)
     if exclude_idx is not None:
         d2 = exclude(d2, exclude_idx, math.inf)
     return torch.topk(d2, k, dim=1, largest=False, sorted=True)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ._core import LogSumExp, backward_rows, inverse_variance, warn_fallback
+from ._core import LogSumExp, backward_rows, root_inverse_variance, warn_fallback
 
 # Output rows below which the GPU 2-D scheme is used (10-50x faster at B = 100..1000 on an
 # H100, anchors.md); the 1-D scheme needs tens of thousands of rows to fill a GPU.
@@ -165,22 +165,25 @@ class _Vars:
         b, n = z.shape[0], means.shape[0]
         # One formula for every scale shape (isotropic scales are expanded to [N, d]): three
         # compiled kernels per dtype and d instead of six, at the cost of d extra products.
-        inv = inverse_variance(log_var)
-        inv = inv.expand(n)[:, None].expand(n, z.shape[1]) if inv.dim() < 2 else inv
+        # Scales enter as r = exp(-log_var / 2) on the difference before it is squared
+        # (exp(-log_var) itself overflows float32 below -88.7).
+        r = root_inverse_variance(log_var)
+        r = r.expand(n)[:, None].expand(n, z.shape[1]) if r.dim() < 2 else r
         e = ex.to(z.dtype) if ex is not None else z.new_full((b,), -1.0)
         self.zi = LazyTensor(z[:, None, :].contiguous())
         self.mj = LazyTensor(means[None, :, :].contiguous())
-        self.vj = LazyTensor(inv[None, :, :].contiguous())
+        self.rj = LazyTensor(r[None, :, :].contiguous())
         self.aj = LazyTensor(a.clamp_min(SENTINEL)[None, :, None].contiguous())
         self.ei = LazyTensor(e[:, None, None].contiguous())
         self.jj = LazyTensor(torch.arange(n, dtype=z.dtype, device=z.device)[None, :, None])
         self.LazyTensor = LazyTensor
 
     def diff(self):
-        return self.zi - self.mj
+        """``(z_i - mu_j) r_j``."""
+        return self.rj * (self.zi - self.mj)
 
     def exponent(self):
-        dist = (self.vj * self.diff() ** 2).sum()
+        dist = (self.diff() ** 2).sum()
         keep = (self.jj - self.ei).abs() - 0.5  # >= 0 unless j is the excluded index
         return keep.ifelse(self.aj - 0.5 * dist, SENTINEL)
 
@@ -211,23 +214,21 @@ class KeOpsLogSumExp(torch.autograd.Function):
         g, shift = backward_rows(grad_s, m, s)  # the forward's max, the gradient of its sum
         prob = (v.exponent() - LT(shift[:, None, None].contiguous())).exp()  # d sum / d arg
         gz = gm = gv = ga = None
-        if need_z:
-            red = (prob * (v.vj * (v.mj - v.zi))).sum(dim=1, backend=_scheme(z.device, z.shape[0]))
-            gz = g[:, None] * red
+        if need_z:  # sum_j P_ij inv_j (mu_j - z_i), inv as r r: no overflow
+            red = (prob * (v.rj * v.diff())).sum(dim=1, backend=_scheme(z.device, z.shape[0]))
+            gz = -g[:, None] * red
         if need_m or need_v or need_a:
             d = z.shape[1]
             q = LT(g[:, None, None].contiguous()) * prob
             diff = v.diff()
-            red = q.concat(q * diff).concat(q * diff**2).sum(dim=0, backend=_scheme(z.device, means.shape[0]))
+            red = q.concat(q * (v.rj * diff)).concat(q * diff**2).sum(dim=0, backend=_scheme(z.device, means.shape[0]))
             col, qd, qsq = red[:, 0], red[:, 1 : d + 1], red[:, d + 1 :]
-            inv = inverse_variance(log_var)
-            inv = inv[:, None] if inv.dim() == 1 else inv
             if need_a:
                 ga = col
             if need_m:
-                gm = inv * qd
+                gm = qd
             if need_v:
-                gv = 0.5 * qsq * inv  # [N, d]; summed to the shape of log_var
+                gv = 0.5 * qsq  # [N, d]; summed to the shape of log_var
                 gv = gv.sum() if log_var.dim() == 0 else gv.sum(-1) if log_var.dim() == 1 else gv
         return gz, gm, gv, ga, None
 
