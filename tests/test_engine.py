@@ -308,8 +308,9 @@ def test_batch_shapes_and_half_precision(device):
     torch.testing.assert_close(half.float(), mixture_log_prob(z.bfloat16().float(), means.bfloat16().float(), 0.0), rtol=1e-2, atol=1e-2)
 
 
-def test_chunked_backward_keeps_no_block(device):
-    """The chunked backward saves only inputs and the per-query result, nothing B x N."""
+def test_chunked_backward_saves_no_block(device):
+    """The chunked backward saves only inputs and the per-query partial, nothing B x N (its
+    peak memory is measured in tests/test_engine_memory.py)."""
     z, means, log_var = leaves(*make(40, 50, 3, "diagonal", torch.float32, device))
     value = mixture_logsumexp(z, means, log_var, backend="chunked", memory_budget=1000).log()
     todo, node = [value.grad_fn], None
@@ -320,9 +321,6 @@ def test_chunked_backward_keeps_no_block(device):
         todo += [g for g, _ in f.next_functions if g is not None]
     assert node is not None
     assert max(t.numel() for t in node.saved_tensors if t is not None) < 40 * 50
-    bc, nc = _chunked.blocks(40, 50, 4, 1000, z.device, 3)
-    assert bc * nc * _chunked.cell_bytes(4) <= 1000 and (bc, nc) != (40, 50)
-    assert _chunked.memory(10**5, 10**6, 40, 4, 2**28, torch.device("cuda")) <= 2**28
 
 
 # ----------------------------------------------------------------------------- kNN

@@ -21,7 +21,9 @@ from ._core import (
     block_sq_dist,
     exclude_,
     exponents,
+    NEAR_FLOOR,
     ieee_fp32,
+    near_cap,
     plan_blocks,
     safe_shift,
     scaled_diff,
@@ -34,7 +36,9 @@ DEFAULT_TILE = 1 << 22
 
 
 def cell_bytes(elem: int) -> int:
-    """Bytes per block cell at the peak of the backward (three float temporaries and a mask)."""
+    """Bytes per block cell at the peak: two float temporaries (distances and exponents,
+    or the backward's probabilities), the near-pair mask, and one float's worth of
+    workspace for the near pairs (:func:`near_cap`)."""
     return 3 * elem + 1
 
 
@@ -50,12 +54,16 @@ def blocks(b: int, n: int, elem: int, budget: int, device: torch.device, d: int 
 
 
 def _memory(b: int, n: int, d: int, elem: int, bc: int, nc: int) -> int:
-    return bc * nc * cell_bytes(elem) + 4 * (bc + nc) * d * elem + 4 * (b + n) * elem
+    # the block; its operands and the backward's GEMM results ([bc or nc, d], a few each);
+    # per query and per component: the partial, the upstream gradient, the gradient sums
+    return bc * nc * cell_bytes(elem) + NEAR_FLOOR + 6 * (bc + nc) * d * elem + 4 * (b + n) * elem
 
 
 def memory(b: int, n: int, d: int, elem: int, budget: int, device: torch.device, grad: bool = False) -> int:
     """Estimated peak bytes of temporaries (not counting the gradients it returns): one
-    block, the block's centred copies, and a few numbers per query and per component."""
+    block, the block's operands, and a few numbers per query and per component. Measured
+    peaks (process resident size, clustered data where every near pair takes the
+    difference form) stay below it: ``tests/test_engine_memory.py``."""
     return _memory(b, n, d, elem, *blocks(b, n, elem, budget, device, d))
 
 
@@ -70,6 +78,7 @@ def _forward(
     fr = Frame(z, means, log_var)
     b, n = z.shape[0], means.shape[0]
     bc, nc = blocks(b, n, z.element_size(), budget, z.device, z.shape[1])
+    cap = near_cap(bc * nc, z.shape[1], z.element_size())
     out_m = torch.empty(b, dtype=z.dtype, device=z.device)
     out_s = torch.empty_like(out_m)
     for rows in _ranges(b, bc):
@@ -77,7 +86,7 @@ def _forward(
         m = torch.full((rows.stop - rows.start,), -math.inf, dtype=z.dtype, device=z.device)
         s = torch.zeros_like(m)
         for cols in _ranges(n, nc):
-            arg = _block_exponents(rw, fr.cols(cols), a, ex, rows, cols)[0]
+            arg = _block_exponents(rw, fr.cols(cols), a, ex, rows, cols, cap)[0]
             m_new = torch.maximum(m, arg.amax(1))
             shift = safe_shift(m_new)
             s = s * torch.exp(m - shift) + arg.sub_(shift[:, None]).exp_().sum(1)
@@ -86,11 +95,11 @@ def _forward(
     return out_m, out_s
 
 
-def _block_exponents(rw, cl, a, ex, rows, cols, keep_dist=False):
+def _block_exponents(rw, cl, a, ex, rows, cols, cap, keep_dist=False):
     """The exponents of a block, bit for bit the same in the forward and the backward
     (the backward scales ``exp(arg - max)`` by the forward's max); with ``keep_dist`` also
     the scaled distances ``D``."""
-    dist, near = block_sq_dist(rw, cl, inplace=True)
+    dist, near = block_sq_dist(rw, cl, inplace=True, cap=cap)
     arg = exponents(dist.clone() if keep_dist else dist, a[cols], inplace=True)
     if ex is not None:
         exclude_(arg, ex[rows] - cols.start, -math.inf)
@@ -127,6 +136,7 @@ def _backward(ctx, grad):
     fr = Frame(z, means, log_var)
     b, n = z.shape[0], means.shape[0]
     bc, nc = blocks(b, n, z.element_size(), ctx.budget, z.device, z.shape[1])
+    cap = near_cap(bc * nc, z.shape[1], z.element_size())
     g, shift = backward_rows(grad, m, s)
     gz = torch.zeros_like(z) if need_z else None
     gm = torch.zeros_like(means) if need_m else None
@@ -136,7 +146,7 @@ def _backward(ctx, grad):
         rw = fr.rows(rows)
         for cols in _ranges(n, nc):
             cl = fr.cols(cols)
-            p, dist, near = _block_exponents(rw, cl, a, ex, rows, cols, keep_dist=gv is not None and not fr.diag)
+            p, dist, near = _block_exponents(rw, cl, a, ex, rows, cols, cap, keep_dist=gv is not None and not fr.diag)
             # dL/d(exponent) = dL/d(sum) * exp(arg - max): the forward's own max and sum, so
             # that exponents tied to float rounding share the probability as they do there.
             p = p.sub_(shift[rows, None]).exp_().mul_(g[rows, None])
@@ -148,10 +158,10 @@ def _backward(ctx, grad):
             if not (need_z or need_m or (need_v and fr.diag)):
                 continue
             # Near pairs through the difference form (then 0 in p), the rest through GEMMs.
-            for i, j in near.chunks():
+            for i, j in near.chunks(cap):
                 w = p[i, j][:, None]
                 p.index_put_((i, j), p.new_zeros(()))
-                delta = scaled_diff(rw, cl, i, j, inplace=True)  # (z - mu) r
+                delta = scaled_diff(rw.raw, cl.raw, cl.r, i, j, inplace=True)  # (z - mu) r
                 if gv is not None and fr.diag:
                     gv[cols].index_add_(0, j, delta.square().mul_(0.5 * w))
                 r = cl.r if cl.r.dim() == 0 else cl.r[j]
@@ -207,13 +217,14 @@ def knn(
     fr = Frame(queries, points, torch.zeros((), dtype=queries.dtype, device=queries.device))
     b, n = queries.shape[0], points.shape[0]
     bc, nc = blocks(b, n, queries.element_size(), memory_budget, queries.device, queries.shape[1])
+    cap = near_cap(bc * nc, queries.shape[1], queries.element_size())
     vals = [queries.new_empty(0, k)]  # an empty batch gives [0, k]
     idxs = [torch.empty(0, k, dtype=torch.long, device=queries.device)]
     for rows in _ranges(b, bc):
         rw = fr.rows(rows)
         best_v = best_i = None
         for cols in _ranges(n, nc):
-            d2, _ = block_sq_dist(rw, fr.cols(cols), inplace=True)
+            d2, _ = block_sq_dist(rw, fr.cols(cols), inplace=True, cap=cap)
             if exclude is not None:
                 exclude_(d2, exclude[rows] - cols.start, math.inf)
             v, i = torch.topk(d2, min(k, d2.shape[1]), dim=1, largest=False, sorted=False)

@@ -224,12 +224,13 @@ class Frame:
     """
 
     def __init__(self, z: Tensor, means: Tensor, log_var: Tensor) -> None:
-        self.z, self.means = z, means
+        self.z, self.means, self.log_var = z, means, log_var
         self.c = means.detach().mean(0)
         self.scalar, self.diag = log_var.dim() == 0, log_var.dim() == 2
-        self.r = root_inverse_variance(log_var)
-        self.g = None if self.scalar else gemm_inverse_variance(self.r)
-        self.gmax = None if self.g is None else self.g.detach().amax()
+        self.r = root_inverse_variance(log_var) if self.scalar else None
+        # the largest GEMM inverse variance, without an [N, d] temporary (r is monotone)
+        lv_min = log_var.detach().amin() if log_var.numel() else log_var.new_zeros(())
+        self.gmax = None if self.scalar else gemm_inverse_variance(root_inverse_variance(lv_min))
         self.big = big(z.dtype)
 
     def rows(self, rows: slice = slice(None)) -> Rows:
@@ -255,8 +256,8 @@ class Frame:
     def cols(self, cols: slice = slice(None)) -> Cols:
         raw = self.means[cols]
         mc = raw - self.c
-        r = self.r if self.scalar else self.r[cols]
-        g = None if self.g is None else self.g[cols]
+        r = self.r if self.scalar else root_inverse_variance(self.log_var[cols])  # per block: no [N, d] copy
+        g = None if self.scalar else gemm_inverse_variance(r)
         with torch.no_grad():
             sharp = None if g is None else r * r > g  # inf > g too
             if sharp is not None and self.diag:
@@ -315,18 +316,79 @@ class Near:
                         yield torch.full_like(j, row), j + c0
 
 
-def scaled_diff(rows: Rows, cols: Cols, i: Tensor, j: Tensor, *, inplace: bool = False) -> Tensor:
-    """``(z_i - mu_j) * r_j`` for pairs ``(i, j)`` of a block, ``[k, d]``, from the raw inputs
-    (centring itself rounds); ``inplace`` (no autograd) saves temporaries. Clamped to
-    ``+-sqrt(big)``: finite, so that a pair of probability 0 contributes ``0``, not
-    ``0 * inf``, to a gradient (its distance is clamped to ``big`` anyway)."""
-    r = cols.r if cols.r.dim() == 0 else cols.r[j]
-    if r.dim() == 1:
-        r = r[:, None]
-    lim = big(rows.raw.dtype) ** 0.5
+# Bytes the near pairs may always use, however small the block: fewer pairs at a time
+# only add per-chunk overhead.
+NEAR_FLOOR = 1 << 16
+
+
+def near_cap(cells: int, d: int, elem: int) -> int:
+    """Near pairs recomputed at a time: their temporaries (indices, the scaled differences
+    ``[k, d]`` and their products, about ``32 + (4 d + 2) elem`` bytes a pair) fit in one
+    float per block cell, or :data:`NEAR_FLOOR`. Without this bound a block whose pairs
+    are all near held ~50 bytes per cell of indices and differences beyond its estimate
+    (a clustered data set: 2.3-9x the budget)."""
+    return max(1, max(cells * elem, NEAR_FLOOR) // (32 + (4 * d + 2) * elem))
+
+
+def scaled_diff(z: Tensor, means: Tensor, r: Tensor, i: Tensor, j: Tensor, *, inplace: bool = False) -> Tensor:
+    """``(z_i - mu_j) * r_j`` for pairs ``(i, j)``, ``[k, d]``, from the raw inputs (centring
+    itself rounds); ``r`` is 0-d, ``[n]`` or ``[n, d]``; ``inplace`` (no autograd) saves
+    temporaries. Clamped to ``+-sqrt(big)``: finite, so that a pair of probability 0
+    contributes ``0``, not ``0 * inf``, to a gradient (its distance is clamped to ``big``)."""
+    rj = _pick(r, j)
+    lim = big(z.dtype) ** 0.5
     if inplace:
-        return rows.raw.index_select(0, i).sub_(cols.raw.index_select(0, j)).mul_(r).clamp_(-lim, lim)
-    return ((rows.raw[i] - cols.raw[j]) * r).clamp(-lim, lim)
+        return z.index_select(0, i).sub_(means.index_select(0, j)).mul_(rj).clamp_(-lim, lim)
+    return ((z[i] - means[j]) * rj).clamp(-lim, lim)
+
+
+def _pick(r: Tensor, j: Tensor) -> Tensor:
+    """The scale of columns ``j``, broadcastable against ``[k, d]``."""
+    if r.dim() == 0:
+        return r
+    return r[j][:, None] if r.dim() == 1 else r[j]
+
+
+class _NearDistances(torch.autograd.Function):
+    """``dist`` with its near pairs overwritten by ``|(z_i - mu_j) r_j|^2``, ``cap`` pairs at a
+    time, for autograd. It saves the pair mask (1 byte a pair of the block) and recomputes
+    the differences in its backward, where a plain ``index_put`` would keep every near
+    pair's ``[d]`` difference in the graph (10x the dense estimate on clustered data).
+    Its backward is differentiable (the dense backend's double backward)."""
+
+    @staticmethod
+    def forward(ctx, dist, z, means, r, near, cap):  # type: ignore[override]
+        limit = big(dist.dtype)
+        for i, j in near.chunks(cap):
+            dist.index_put_((i, j), scaled_diff(z, means, r, i, j, inplace=True).square_().sum(-1).clamp_(max=limit))
+        ctx.mark_dirty(dist)
+        ctx.save_for_backward(z, means, r, near.mask, near.rows)
+        ctx.cap = cap
+        return dist
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        z, means, r, mask, rows = ctx.saved_tensors
+        need_z, need_m, need_r = ctx.needs_input_grad[1:4]
+        gz = torch.zeros_like(z) if need_z else None
+        gm = torch.zeros_like(means) if need_m else None
+        gr = torch.zeros_like(r) if need_r else None
+        lim = big(z.dtype)
+        for i, j in Near(mask, rows).chunks(ctx.cap):
+            diff = z[i] - means[j]
+            rj = _pick(r, j)
+            delta = diff * rj
+            # clamped in the forward (a difference or the sum beyond big): no gradient
+            ok = (delta.abs() < lim**0.5) & ((delta * delta).sum(-1, keepdim=True) < lim)
+            w = 2 * grad[i, j][:, None] * torch.where(ok, delta, torch.zeros_like(delta))  # dL/d delta
+            if gz is not None:
+                gz = gz.index_add(0, i, w * rj)
+            if gm is not None:
+                gm = gm.index_add(0, j, -(w * rj))
+            if gr is not None:
+                wr = w * diff
+                gr = gr + wr.sum() if r.dim() == 0 else gr.index_add(0, j, wr.sum(-1) if r.dim() == 1 else wr)
+        return grad.masked_fill(mask, 0), gz, gm, gr, None, None
 
 
 def block_sq_dist(rows: Rows, cols: Cols, *, inplace: bool = False, cap: int | None = None) -> tuple[Tensor, Near]:
@@ -348,7 +410,7 @@ def block_sq_dist(rows: Rows, cols: Cols, *, inplace: bool = False, cap: int | N
     dist = addmm(t, rows.q, cols.q.T, alpha=-2)
     with torch.no_grad():
         # u > 0 marks near pairs; rows are screened with a cheap max before any mask.
-        u = t.mul_(NEAR).sub_(dist) if inplace else t.detach() * NEAR - dist.detach()
+        u = t.mul_(NEAR).sub_(dist) if inplace else torch.mul(t.detach(), NEAR).sub_(dist.detach())
         del t
         if rows.flagged:
             u.masked_fill_(rows.flag[:, None], 1.0)
@@ -361,15 +423,11 @@ def block_sq_dist(rows: Rows, cols: Cols, *, inplace: bool = False, cap: int | N
         mask = u > 0
         del u
     near = Near(mask, near_rows)
+    if not inplace and torch.is_grad_enabled():
+        return _NearDistances.apply(dist, rows.raw, cols.raw, cols.r, near, cap), near
     limit = big(dist.dtype)
     for i, j in near.chunks(cap):
-        delta = scaled_diff(rows, cols, i, j, inplace=inplace)
-        exact = (delta.square_() if inplace else delta.square()).sum(-1).clamp(max=limit)
-        del delta
-        if inplace:
-            dist.index_put_((i, j), exact)
-        else:
-            dist = dist.index_put((i, j), exact)
+        dist.index_put_((i, j), scaled_diff(rows.raw, cols.raw, cols.r, i, j, inplace=True).square_().sum(-1).clamp_(max=limit))
     return dist, near
 
 

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from . import _chunked
-from ._core import NEAR, LogSumExp, backward_rows, gemm_inverse_variance, root_inverse_variance, warn_fallback
+from ._core import NEAR, LogSumExp, backward_rows, root_inverse_variance, warn_fallback
 
 # Launch configuration of each kernel on a GPU: (BLOCK_M queries, BLOCK_N components,
 # num_warps, num_stages). Not yet timed on a GPU (benchmarks/tune_fused.py does that); until
@@ -174,7 +174,9 @@ def memory(b: int, n: int, d: int, elem: int, budget: int, device: torch.device,
         partial.append((parts > 1) * parts * b * d)
         parts = _split(n, CONFIG["bwd_cols"][1], b, CONFIG["bwd_cols"][0], programs)[1]
         partial.append((parts > 1) * parts * n * (d + 2))
-    return (4 * b + 3 * n + d + max(partial)) * elem
+    # inputs made contiguous, scales, constants, exclusions (int64); the partial, the
+    # upstream gradient and their combination per query
+    return (10 * b + 4 * n + d + max(partial)) * elem
 
 
 def _split(outer: int, tile: int, inner: int, step: int, programs: int) -> tuple[int, int, int]:
@@ -400,7 +402,7 @@ class _Launch:
         # Inverse variances the tl.dot path takes; 0 marks columns sharper than that (all
         # their pairs take the difference form, which uses r).
         gi = self.r * self.r
-        self.gi = torch.where(gi <= gemm_inverse_variance(self.r), gi, torch.zeros_like(gi))
+        self.gi = gi.masked_fill_(~(gi <= torch.finfo(gi.dtype).max ** 0.25), 0.0)  # the cap of _core.gemm_inverse_variance
         self.a = a.expand(n).contiguous()
         self.ex = ex.contiguous() if ex is not None else torch.full((b,), -1, dtype=torch.long, device=z.device)
         self.interpret = _interpret()
