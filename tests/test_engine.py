@@ -16,9 +16,18 @@ from vaepriors.engine import _auto, _chunked, _keops
 from vaepriors.engine import BACKENDS, LogSumExp, knn, mixture_log_prob, mixture_logsumexp
 from vaepriors.errors import VAEPriorsError
 
-# (backend, memory budget): a tiny budget forces many blocks of sizes that do not divide B, N.
+# (backend, memory budget): a tiny budget forces many blocks of sizes that do not divide B, N
+# (with the smallest block lowered to one cell by `tiny_blocks`; such budgets warn that they
+# cannot be met, which these tests ignore: tests/test_engine_memory.py checks the warning).
 TORCH = [("dense", None), ("chunked", None), ("chunked", 200)]
 TORCH_IDS = ["dense", "chunked", "chunked-tiny"]
+pytestmark = pytest.mark.filterwarnings("ignore:vaepriors. memory_budget=:RuntimeWarning")
+
+
+@pytest.fixture(autouse=True)
+def tiny_blocks(monkeypatch):
+    """Blocks down to 1 x 1, so that the small shapes here span many blocks."""
+    monkeypatch.setattr(_chunked, "MIN_CELLS", 1)
 KINDS = ["scalar", "per-component", "diagonal"]
 
 
@@ -509,8 +518,9 @@ TF32_SETTINGS = {
 _TF32_SCRIPT = r"""
 import torch
 {setting}
-from vaepriors.engine import _core, knn, mixture_logsumexp
+from vaepriors.engine import _chunked, _core, knn, mixture_logsumexp
 _core.tf32_capable = lambda t: True  # take the CUDA path on CPU tensors
+_chunked.MIN_CELLS = 1  # several blocks at budget 20
 
 flags = torch.backends.cuda.matmul
 def state():

@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from tests.test_engine import TORCH, TORCH_IDS
+from tests.test_engine import TORCH, TORCH_IDS, pytestmark, tiny_blocks  # noqa: F401 (module mark, autouse fixture)
 from vaepriors.engine import _keops, mixture_logsumexp
 
 # Every backend: the torch ones, fused under Triton's interpreter on CPU (conftest sets

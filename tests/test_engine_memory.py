@@ -22,14 +22,16 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
-from vaepriors.engine import _chunked, _dense, mixture_logsumexp
+from vaepriors.engine import _chunked, _dense, knn, mixture_logsumexp
 
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 2**20
@@ -85,10 +87,10 @@ def allocator_peak(fn, trace: Path) -> int:
 # (backend, kind, B, N, d, budget MiB, backward): clustered data throughout
 # (the peak is a block's: a few blocks, half of their pairs near, are enough)
 CASES = {
-    "chunked-scalar": ("chunked", "scalar", 300, 700, 16, 1, True),
-    "chunked-diagonal": ("chunked", "diagonal", 300, 700, 16, 1, True),
-    "chunked-per-component": ("chunked", "per-component", 200, 500, 8, 0.5, True),
-    "chunked-forward": ("chunked", "scalar", 300, 700, 16, 1, False),
+    "chunked-scalar": ("chunked", "scalar", 300, 1200, 16, 2, True),
+    "chunked-diagonal": ("chunked", "diagonal", 300, 1200, 16, 2, True),
+    "chunked-per-component": ("chunked", "per-component", 300, 1200, 8, 1.5, True),
+    "chunked-forward": ("chunked", "scalar", 300, 1200, 16, 2, False),
 }
 
 
@@ -101,6 +103,7 @@ def test_chunked_peak_allocation_within_budget(case, tmp_path):
     returned = []
     peak = allocator_peak(lambda: returned.append(call(leaves, backend, budget, grad)), tmp_path / "trace.json")
     used = peak - returned[0]
+    assert _chunked.blocks(b, n, 4, budget, torch.device("cpu"), d)[1] < n  # several blocks, within budget
     assert used <= 1.1 * budget, f"{used / MIB:.2f} MiB of tensors for a {mib} MiB budget"
     assert used <= _chunked.memory(b, n, d, 4, budget, torch.device("cpu"), grad)  # the estimate bounds it
 
@@ -200,3 +203,49 @@ def test_chunked_peak_resident_memory_within_budget():
     for name, r in json.loads(res.stdout.strip().splitlines()[-1]).items():
         used = r["peak"] - r["returned"]
         assert used <= 1.1 * r["budget"], f"{name}: {used / MIB:.2f} MiB resident for a {r['budget'] / MIB} MiB budget"
+
+
+def test_budget_too_small_for_the_smallest_block_warns_once_and_finishes(monkeypatch):
+    """A budget below what even the smallest block needs once gave 1 x 1 blocks: no result
+    in 60 s for 200 x 200 000. Now the
+    smallest block, one warning per shape and budget (not per block or pass), and the
+    values of an ample budget."""
+    monkeypatch.setattr(_chunked, "_WARNED", set())
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(100, 4, generator=g, requires_grad=True)
+    means = torch.randn(20_000, 4, generator=g)
+    budget = 2**18
+    assert 4 * (100 + 20_000) * 4 > budget  # its per-component numbers alone: 1 x 1 blocks before
+    with pytest.warns(RuntimeWarning, match="memory_budget"):
+        bc, nc = _chunked.blocks(100, 20_000, 4, budget, torch.device("cpu"), 4)
+    assert bc * nc > _chunked.MIN_CELLS - bc  # (rounded to whole rows)
+    assert _chunked.memory(100, 20_000, 4, 4, budget, torch.device("cpu")) > budget  # cannot be met
+    monkeypatch.setattr(_chunked, "_WARNED", set())
+
+    def alarm(*_):
+        raise TimeoutError("the call did not finish within 120 s")
+
+    old = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(120)
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            out = mixture_logsumexp(z, means, 0.0, backend="chunked", memory_budget=budget).log()
+            (gz,) = torch.autograd.grad(out.sum(), z)
+            again = mixture_logsumexp(z.detach(), means, 0.0, backend="chunked", memory_budget=budget).log()
+            knn(z.detach(), means, 3, backend="chunked", memory_budget=budget)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    ours = [w for w in seen if "memory_budget" in str(w.message)]
+    assert len(ours) == 1, [str(w.message) for w in ours]
+    msg = str(ours[0].message)
+    assert "memory_budget=262144" in msg and "100 queries x 20000 components" in msg
+    assert ours[0].filename == __file__  # points at the caller's line
+    ref = mixture_logsumexp(z, means, 0.0, backend="chunked", memory_budget=256 * MIB).log()
+    (rz,) = torch.autograd.grad(ref.sum(), z)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(again, ref)
+    torch.testing.assert_close(gz, rz)
+    with pytest.warns(RuntimeWarning, match="memory_budget=262144"):  # another shape: its own warning
+        mixture_logsumexp(z[:50].detach(), means, 0.0, backend="chunked", memory_budget=budget)

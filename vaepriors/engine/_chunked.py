@@ -2,7 +2,8 @@ r"""Chunked torch backend: blocks over queries AND components, online max/sum, b
 
 Forward and backward both visit the B x N exponent matrix block by block; nothing larger
 than one block (a few ``bc x nc`` tensors, ``bc * nc`` set by the memory budget) is ever
-held. The backward is a custom :class:`torch.autograd.Function` that keeps only the inputs
+held. Blocks have at least :data:`MIN_CELLS` cells (about 64 x 1024): a budget too small
+for that is exceeded with one warning, rather than crawling through tiny blocks. The backward is a custom :class:`torch.autograd.Function` that keeps only the inputs
 and the per-query partial (max, sum), and recomputes the probabilities block by block. Double
 backward is not supported (use the dense backend for that).
 """
@@ -10,6 +11,7 @@ backward is not supported (use the dense backend for that).
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor
@@ -42,15 +44,64 @@ def cell_bytes(elem: int) -> int:
     return 3 * elem + 1
 
 
+# The smallest block a call uses, whatever the budget: per block the backend runs ~40 small
+# ops (~1-2 ms on a CPU core, measured), which a 64 x 1024 block's own work (~2-3 ms at
+# d = 40) still dominates; 1 x 1 blocks made a 200 x 200 000 call take minutes. A budget
+# too small for this block (about 0.9 MB of block temporaries in float32, plus its operands
+# and the per-query and per-component numbers) is exceeded, with one warning.
+MIN_CELLS = 1 << 16
+
+_WARNED: set[tuple] = set()
+
+
 def blocks(b: int, n: int, elem: int, budget: int, device: torch.device, d: int = 0) -> tuple[int, int]:
     """The ``(bc, nc)`` block shape used for ``b`` queries and ``n`` components in ``d`` dims:
-    the largest whose :func:`memory` fits ``budget`` (at least 1 x 1), capped by ``TILE_CELLS``."""
-    cells = min(budget // cell_bytes(elem), TILE_CELLS.get(device.type, DEFAULT_TILE))
+    the largest whose :func:`memory` fits ``budget``, capped by ``TILE_CELLS``, and at
+    least :data:`MIN_CELLS` cells (or the whole problem); warns once per shape and budget
+    where even that does not fit."""
+    floor = max(1, min(MIN_CELLS, b * n))
+    cells = max(min(budget // cell_bytes(elem), TILE_CELLS.get(device.type, DEFAULT_TILE)), floor)
     while True:
         bc, nc = plan_blocks(b, n, cells)
-        if cells <= 1 or _memory(b, n, d, elem, bc, nc) <= budget:
-            return bc, nc
-        cells = cells * 7 // 8
+        need = _memory(b, n, d, elem, bc, nc)
+        if need <= budget or cells <= floor:
+            break
+        cells = max(cells * 7 // 8, floor)
+    if need > budget:
+        _warn_budget(b, n, d, elem, budget, device, bc, nc, need)
+    return bc, nc
+
+
+def _warn_budget(b: int, n: int, d: int, elem: int, budget: int, device: torch.device, bc: int, nc: int, need: int) -> None:
+    key = (b, n, d, elem, budget, device.type)
+    if key in _WARNED:
+        return
+    if len(_WARNED) > 1000:  # many shapes: keep the set small, warn again
+        _WARNED.clear()
+    _WARNED.add(key)
+    warnings.warn(
+        f"vaepriors: memory_budget={budget} bytes is too small for the chunked backend with "
+        f"{b} queries x {n} components (d = {d}, {8 * elem}-bit floats): its smallest block "
+        f"({bc} x {nc}; smaller ones make a call crawl), the block's operands and a few numbers "
+        f"per query and per component need about {need} bytes. Using that block, above the "
+        f"budget; raise memory_budget (or vaepriors.set_memory_budget) to at least {need}, or "
+        f"split the queries or components into smaller calls.",
+        RuntimeWarning,
+        stacklevel=_caller_level(),
+    )
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` of the first frame outside vaepriors and torch: the warning names
+    the caller's line, whichever entry point and autograd pass got here."""
+    import os
+    import sys
+
+    skip = tuple(os.path.dirname(m.__file__) for m in (sys.modules["vaepriors"], torch) if getattr(m, "__file__", None))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(skip):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _memory(b: int, n: int, d: int, elem: int, bc: int, nc: int) -> int:
