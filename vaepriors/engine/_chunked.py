@@ -2,31 +2,33 @@ r"""Chunked torch backend: blocks over queries AND components, online max/sum, b
 
 Forward and backward both visit the B x N exponent matrix block by block; nothing larger
 than one block (a few ``bc x nc`` tensors, ``bc * nc`` set by the memory budget) is ever
-held. The backward is a custom :class:`torch.autograd.Function` that keeps only the inputs
-and the per-query log-sum-exp, and recomputes the probabilities block by block. Double
+held. Blocks have at least :data:`MIN_CELLS` cells (about 64 x 1024): a budget too small
+for that is exceeded with one warning, rather than crawling through tiny blocks. The backward is a custom :class:`torch.autograd.Function` that keeps only the inputs
+and the per-query partial (max, sum), and recomputes the probabilities block by block. Double
 backward is not supported (use the dense backend for that).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor
 
 from ._core import (
+    Frame,
     LogSumExp,
     backward_rows,
     block_sq_dist,
     exclude_,
     exponents,
-    gemm_inverse_variance,
+    NEAR_FLOOR,
     ieee_fp32,
-    inverse_variance,
-    pieces,
+    near_cap,
     plan_blocks,
     safe_shift,
-    sq_norms,
+    scaled_diff,
 )
 
 # Largest block on each device type when the budget allows more: blocks that stay in the
@@ -36,55 +38,84 @@ DEFAULT_TILE = 1 << 22
 
 
 def cell_bytes(elem: int) -> int:
-    """Bytes per block cell at the peak of the backward (three float temporaries and a mask)."""
+    """Bytes per block cell at the peak: two float temporaries (distances and exponents,
+    or the backward's probabilities), the near-pair mask, and one float's worth of
+    workspace for the near pairs (:func:`near_cap`)."""
     return 3 * elem + 1
+
+
+# The smallest block a call uses, whatever the budget: per block the backend runs ~40 small
+# ops (~1-2 ms on a CPU core, measured), which a 64 x 1024 block's own work (~2-3 ms at
+# d = 40) still dominates; 1 x 1 blocks made a 200 x 200 000 call take minutes. A budget
+# too small for this block (about 0.9 MB of block temporaries in float32, plus its operands
+# and the per-query and per-component numbers) is exceeded, with one warning.
+MIN_CELLS = 1 << 16
+
+_WARNED: set[tuple] = set()
 
 
 def blocks(b: int, n: int, elem: int, budget: int, device: torch.device, d: int = 0) -> tuple[int, int]:
     """The ``(bc, nc)`` block shape used for ``b`` queries and ``n`` components in ``d`` dims:
-    the largest whose :func:`memory` fits ``budget`` (at least 1 x 1), capped by ``TILE_CELLS``."""
-    cells = min(budget // cell_bytes(elem), TILE_CELLS.get(device.type, DEFAULT_TILE))
+    the largest whose :func:`memory` fits ``budget``, capped by ``TILE_CELLS``, and at
+    least :data:`MIN_CELLS` cells (or the whole problem); warns once per shape and budget
+    where even that does not fit."""
+    floor = max(1, min(MIN_CELLS, b * n))
+    cells = max(min(budget // cell_bytes(elem), TILE_CELLS.get(device.type, DEFAULT_TILE)), floor)
     while True:
         bc, nc = plan_blocks(b, n, cells)
-        if cells <= 1 or _memory(b, n, d, elem, bc, nc) <= budget:
-            return bc, nc
-        cells = cells * 7 // 8
+        need = _memory(b, n, d, elem, bc, nc)
+        if need <= budget or cells <= floor:
+            break
+        cells = max(cells * 7 // 8, floor)
+    if need > budget:
+        _warn_budget(b, n, d, elem, budget, device, bc, nc, need)
+    return bc, nc
+
+
+def _warn_budget(b: int, n: int, d: int, elem: int, budget: int, device: torch.device, bc: int, nc: int, need: int) -> None:
+    key = (b, n, d, elem, budget, device.type)
+    if key in _WARNED:
+        return
+    if len(_WARNED) > 1000:  # many shapes: keep the set small, warn again
+        _WARNED.clear()
+    _WARNED.add(key)
+    warnings.warn(
+        f"vaepriors: memory_budget={budget} bytes is too small for the chunked backend with "
+        f"{b} queries x {n} components (d = {d}, {8 * elem}-bit floats): its smallest block "
+        f"({bc} x {nc}; smaller ones make a call crawl), the block's operands and a few numbers "
+        f"per query and per component need about {need} bytes. Using that block, above the "
+        f"budget; raise memory_budget (or vaepriors.set_memory_budget) to at least {need}, or "
+        f"split the queries or components into smaller calls.",
+        RuntimeWarning,
+        stacklevel=_caller_level(),
+    )
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` of the first frame outside vaepriors and torch: the warning names
+    the caller's line, whichever entry point and autograd pass got here."""
+    import os
+    import sys
+
+    skip = tuple(os.path.dirname(m.__file__) for m in (sys.modules["vaepriors"], torch) if getattr(m, "__file__", None))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(skip):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _memory(b: int, n: int, d: int, elem: int, bc: int, nc: int) -> int:
-    return bc * nc * cell_bytes(elem) + 4 * (bc + nc) * d * elem + 4 * (b + n) * elem
+    # the block; its operands and the backward's GEMM results ([bc or nc, d], a few each);
+    # per query and per component: the partial, the upstream gradient, the gradient sums
+    return bc * nc * cell_bytes(elem) + NEAR_FLOOR + 6 * (bc + nc) * d * elem + 4 * (b + n) * elem
 
 
 def memory(b: int, n: int, d: int, elem: int, budget: int, device: torch.device, grad: bool = False) -> int:
     """Estimated peak bytes of temporaries (not counting the gradients it returns): one
-    block, the block's centred copies, and a few numbers per query and per component."""
+    block, the block's operands, and a few numbers per query and per component. Measured
+    peaks (process resident size, clustered data where every near pair takes the
+    difference form) stay below it: ``tests/test_engine_memory.py``."""
     return _memory(b, n, d, elem, *blocks(b, n, elem, budget, device, d))
-
-
-def _slice(x: Tensor, s: slice) -> Tensor:
-    return x if x.dim() == 0 else x[s]
-
-
-class _Setup:
-    """Centring and scales, applied block by block so that no input-sized copy is made."""
-
-    def __init__(self, z: Tensor, means: Tensor, log_var: Tensor) -> None:
-        self.z, self.means, self.log_var = z, means, log_var
-        self.c = means.mean(0)
-        self.diag = log_var.dim() == 2
-
-    def rows(self, rows: slice) -> tuple[Tensor, Tensor, Tensor]:
-        """Raw and centred queries of a block, and their squared norms (per coordinate if diagonal)."""
-        z = self.z[rows]
-        zc = z - self.c
-        return z, zc, zc * zc if self.diag else (zc * zc).sum(-1)
-
-    def cols(self, cols: slice) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Raw and centred means of a block, their inverse variances and squared (scaled) norms."""
-        m = self.means[cols]
-        mc = m - self.c
-        inv = inverse_variance(_slice(self.log_var, cols))
-        return m, mc, inv, sq_norms(mc, mc, inv)[1]
 
 
 def _ranges(total: int, step: int) -> list[slice]:
@@ -92,139 +123,159 @@ def _ranges(total: int, step: int) -> list[slice]:
     return [slice(s, min(s + step, total)) for s in range(0, total, step)]
 
 
-def _forward(z: Tensor, means: Tensor, log_var: Tensor, a: Tensor, ex: Tensor | None, budget: int) -> Tensor:
-    st = _Setup(z, means, log_var)
+def _forward(
+    z: Tensor, means: Tensor, log_var: Tensor, a: Tensor, ex: Tensor | None, budget: int
+) -> tuple[Tensor, Tensor]:
+    fr = Frame(z, means, log_var)
     b, n = z.shape[0], means.shape[0]
     bc, nc = blocks(b, n, z.element_size(), budget, z.device, z.shape[1])
-    out = torch.empty(b, dtype=z.dtype, device=z.device)
+    cap = near_cap(bc * nc, z.shape[1], z.element_size())
+    out_m = torch.empty(b, dtype=z.dtype, device=z.device)
+    out_s = torch.empty_like(out_m)
     for rows in _ranges(b, bc):
-        zr, zc, zz = st.rows(rows)
+        rw = fr.rows(rows)
         m = torch.full((rows.stop - rows.start,), -math.inf, dtype=z.dtype, device=z.device)
         s = torch.zeros_like(m)
         for cols in _ranges(n, nc):
-            mr, mc, inv, mm = st.cols(cols)
-            d2, _ = block_sq_dist(zc, zz, mc, mm, inv, zr, mr, inplace=True)
-            arg = exponents(d2, inv, a[cols])
-            del d2
-            if ex is not None:
-                exclude_(arg, ex[rows] - cols.start, -math.inf)
+            arg = _block_exponents(rw, fr.cols(cols), a, ex, rows, cols, cap)[0]
             m_new = torch.maximum(m, arg.amax(1))
             shift = safe_shift(m_new)
             s = s * torch.exp(m - shift) + arg.sub_(shift[:, None]).exp_().sum(1)
             m = m_new
-        out[rows] = LogSumExp(m, s).log()
-    return out
+        out_m[rows], out_s[rows] = m, s
+    return out_m, out_s
+
+
+def _block_exponents(rw, cl, a, ex, rows, cols, cap, keep_dist=False):
+    """The exponents of a block, bit for bit the same in the forward and the backward
+    (the backward scales ``exp(arg - max)`` by the forward's max); with ``keep_dist`` also
+    the scaled distances ``D``."""
+    dist, near = block_sq_dist(rw, cl, inplace=True, cap=cap)
+    arg = exponents(dist.clone() if keep_dist else dist, a[cols], inplace=True)
+    if ex is not None:
+        exclude_(arg, ex[rows] - cols.start, -math.inf)
+    return arg, (dist if keep_dist else None), near
 
 
 class ChunkedLogSumExp(torch.autograd.Function):
-    r"""``L_i = log sum_{j != e_i} exp(a_j - |z_i - mu_j|^2_{s_j} / 2)`` with a block-wise backward.
+    r"""The partial ``(max_i, sum_i)`` of ``arg_ij = a_j - |z_i - mu_j|^2_{s_j} / 2`` over
+    ``j != e_i``, with a block-wise backward.
 
-    Saves only its inputs and ``L``; the backward recomputes each block's probabilities
-    ``P_ij = exp(arg_ij - L_i)`` and accumulates the gradients of ``z``, ``means``,
-    ``log_var`` (0-d, ``[N]`` or ``[N, d]``) and ``a``. Not twice differentiable.
+    Saves only its inputs and the partial; the backward recomputes each block's
+    ``exp(arg_ij - max_i)`` (``d sum_i / d arg_ij``) and accumulates the gradients of ``z``,
+    ``means``, ``log_var`` (0-d, ``[N]`` or ``[N, d]``) and ``a``. Not twice differentiable.
     """
 
     @staticmethod
     def forward(ctx, z, means, log_var, a, ex, budget):  # type: ignore[override]
-        out = _forward(z, means, log_var, a, ex, budget)
-        ctx.save_for_backward(z, means, log_var, a, ex, out)
+        m, s = _forward(z, means, log_var, a, ex, budget)
+        ctx.save_for_backward(z, means, log_var, a, ex, m, s)
         ctx.budget = budget
-        return out
+        ctx.mark_non_differentiable(m)
+        return m, s
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, grad_m, grad_s):  # type: ignore[override]
         with ieee_fp32():  # its GEMMs, like the forward's, in IEEE float32
-            return _backward(ctx, grad)
+            return _backward(ctx, grad_s)
 
 
 def _backward(ctx, grad):
-    z, means, log_var, a, ex, out = ctx.saved_tensors
+    z, means, log_var, a, ex, m, s = ctx.saved_tensors
     need_z, need_m, need_v, need_a = ctx.needs_input_grad[:4]
-    st = _Setup(z, means, log_var)
+    fr = Frame(z, means, log_var)
     b, n = z.shape[0], means.shape[0]
     bc, nc = blocks(b, n, z.element_size(), ctx.budget, z.device, z.shape[1])
-    g, lse = backward_rows(grad, out)
+    cap = near_cap(bc * nc, z.shape[1], z.element_size())
+    g, shift = backward_rows(grad, m, s)
     gz = torch.zeros_like(z) if need_z else None
     gm = torch.zeros_like(means) if need_m else None
     ga = torch.zeros(n, dtype=z.dtype, device=z.device) if need_a else None
-    gv = torch.zeros(log_var.shape if st.diag else (n,), dtype=z.dtype, device=z.device) if need_v else None
+    gv = torch.zeros(log_var.shape if fr.diag else (n,), dtype=z.dtype, device=z.device) if need_v else None
     for rows in _ranges(b, bc):
-        zraw, zr, zz = st.rows(rows)
+        rw = fr.rows(rows)
         for cols in _ranges(n, nc):
-            mraw, mc, inv, mm = st.cols(cols)
-            d2, near = block_sq_dist(zr, zz, mc, mm, inv, zraw, mraw, inplace=True)
-            p = exponents(d2, inv, a[cols])
-            if ex is not None:
-                exclude_(p, ex[rows] - cols.start, -math.inf)
-            p = p.sub_(lse[rows, None]).exp_().mul_(g[rows, None])  # dL/d(exponent)
+            cl = fr.cols(cols)
+            p, dist, near = _block_exponents(rw, cl, a, ex, rows, cols, cap, keep_dist=gv is not None and not fr.diag)
+            # dL/d(exponent) = dL/d(sum) * exp(arg - max): the forward's own max and sum, so
+            # that exponents tied to float rounding share the probability as they do there.
+            p = p.sub_(shift[rows, None]).exp_().mul_(g[rows, None])
             if ga is not None:
                 ga[cols] += p.sum(0)
-            if gv is not None and not st.diag:
-                gv[cols] += 0.5 * inv * (p * d2).sum(0)
-            del d2
-            if not (need_z or need_m or (need_v and st.diag)):
+            if dist is not None:  # d(-D/2)/d log_var = D/2
+                gv[cols] += 0.5 * dist.mul_(p).sum(0)
+            del dist
+            if not (need_z or need_m or (need_v and fr.diag)):
                 continue
-            if not st.diag:
-                p = p.mul_(inv)  # now dL/d(-|z - mu|^2 / 2) per pair
-            # Near pairs go through the difference form, the rest through GEMMs.
-            pn = p[near.i, near.j]
-            p[near.i, near.j] = 0
-            if st.diag:
-                gi = gemm_inverse_variance(inv)  # = inv, but where every pair is near (p = 0)
-                mi = mc * gi
-                col = p.sum(0)
-                pz = p.T @ zr
+            # Near pairs through the difference form (then 0 in p), the rest through GEMMs.
+            for i, j in near.chunks(cap):
+                w = p[i, j][:, None]
+                p.index_put_((i, j), p.new_zeros(()))
+                delta = scaled_diff(rw.raw, cl.raw, cl.r, i, j, inplace=True)  # (z - mu) r
+                if gv is not None and fr.diag:
+                    gv[cols].index_add_(0, j, delta.square().mul_(0.5 * w))
+                r = cl.r if cl.r.dim() == 0 else cl.r[j]
+                delta.mul_(w * (r[:, None] if r.dim() == 1 else r))  # P inv (z - mu)
                 if gz is not None:
-                    gz[rows] += p @ mi - zr * (p @ gi)
+                    gz[rows].index_add_(0, i, delta, alpha=-1)
                 if gm is not None:
-                    gm[cols] += gi * pz - mi * col[:, None]
-                if gv is not None:
-                    gv[cols] += 0.5 * gi * (p.T @ zr.square() - 2 * mc * pz + mc.square() * col[:, None])
-            else:
-                if gz is not None:
-                    gz[rows] += p @ mc - zr * p.sum(1, keepdim=True)
-                if gm is not None:
-                    gm[cols] += p.T @ zr - mc * p.sum(0)[:, None]
-            del p
-            step = pieces(pn.shape[0], z.shape[1], bc * nc).step
-            for s in range(0, pn.shape[0], step):
-                i, j, w = near.i[s : s + step], near.j[s : s + step], pn[s : s + step, None]
-                diff = zraw[i] - mraw[j]  # z - mu, from the raw inputs
-                if st.diag:
-                    w = w * inv[j]
-                if gz is not None:
-                    gz[rows].index_add_(0, i, -w * diff)
-                if gm is not None:
-                    gm[cols].index_add_(0, j, w * diff)
-                if gv is not None and st.diag:
-                    gv[cols].index_add_(0, j, 0.5 * w * diff.square())
+                    gm[cols].index_add_(0, j, delta)
+                del delta
+            _gemm_grads(fr, rw, cl, p, gz, gm, gv, rows, cols)
     if gv is not None and log_var.dim() == 0:
         gv = gv.sum()
     return gz, gm, gv, ga, None, None
+
+
+def _gemm_grads(fr, rw, cl, p, gz, gm, gv, rows, cols) -> None:
+    """The gradients of the pairs left in ``p`` (near pairs zeroed), by GEMMs: in terms of
+    the centred operands, ``dL/dz_i = sum_j P_ij inv_j (mu_j - z_i)``, and its mirror."""
+    zq, mc = rw.q, cl.mc
+    if fr.scalar:  # q and mc are already times r: one more r outside
+        if gz is not None:
+            gz[rows] += cl.r * (p @ mc - zq * p.sum(1, keepdim=True))
+        if gm is not None:
+            gm[cols] += cl.r * (p.T @ zq - mc * p.sum(0)[:, None])
+    elif not fr.diag:
+        p = p.mul_(cl.g)  # P inv, inv capped (sharper columns are all near: 0 here)
+        if gz is not None:
+            gz[rows] += p @ mc - zq * p.sum(1, keepdim=True)
+        if gm is not None:
+            gm[cols] += p.T @ zq - mc * p.sum(0)[:, None]
+    else:
+        gi, mi = cl.g, cl.q  # mi = mc * gi
+        col = p.sum(0)
+        pz = p.T @ zq
+        if gz is not None:
+            gz[rows] += p @ mi - zq * (p @ gi)
+        if gm is not None:
+            gm[cols] += gi * pz - mi * col[:, None]
+        if gv is not None:
+            gv[cols] += 0.5 * gi * (p.T @ zq.square() - 2 * mc * pz + mc.square() * col[:, None])
 
 
 def logsumexp(
     z: Tensor, means: Tensor, log_var: Tensor, a: Tensor, exclude: Tensor | None, *, memory_budget: int
 ) -> LogSumExp:
     a = a.expand(means.shape[0])
-    return LogSumExp.from_log(ChunkedLogSumExp.apply(z, means, log_var, a, exclude, memory_budget))
+    return LogSumExp(*ChunkedLogSumExp.apply(z, means, log_var, a, exclude, memory_budget))
 
 
 def knn(
     queries: Tensor, points: Tensor, k: int, exclude: Tensor | None, *, memory_budget: int
 ) -> tuple[Tensor, Tensor]:
-    st = _Setup(queries, points, torch.zeros((), dtype=queries.dtype, device=queries.device))
+    fr = Frame(queries, points, torch.zeros((), dtype=queries.dtype, device=queries.device))
     b, n = queries.shape[0], points.shape[0]
     bc, nc = blocks(b, n, queries.element_size(), memory_budget, queries.device, queries.shape[1])
+    cap = near_cap(bc * nc, queries.shape[1], queries.element_size())
     vals = [queries.new_empty(0, k)]  # an empty batch gives [0, k]
     idxs = [torch.empty(0, k, dtype=torch.long, device=queries.device)]
     for rows in _ranges(b, bc):
-        zr, zc, zz = st.rows(rows)
+        rw = fr.rows(rows)
         best_v = best_i = None
         for cols in _ranges(n, nc):
-            mr, mc, inv, mm = st.cols(cols)
-            d2, _ = block_sq_dist(zc, zz, mc, mm, inv, zr, mr, inplace=True)
+            d2, _ = block_sq_dist(rw, fr.cols(cols), inplace=True, cap=cap)
             if exclude is not None:
                 exclude_(d2, exclude[rows] - cols.start, math.inf)
             v, i = torch.topk(d2, min(k, d2.shape[1]), dim=1, largest=False, sorted=False)

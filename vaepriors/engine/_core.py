@@ -59,11 +59,17 @@ class LogSumExp(NamedTuple):
         return LogSumExp(m, (sum * torch.exp(max - safe_shift(m).unsqueeze(dim))).sum(dim))
 
 
-def backward_rows(grad: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
-    """The upstream gradient and log-sum-exp ``out`` a custom backward uses: rows whose
-    mixture is empty (``out = -inf``) get no gradient and a finite stand-in value."""
-    finite = torch.isfinite(out)
-    return torch.where(finite, grad, torch.zeros_like(grad)), torch.where(finite, out, torch.zeros_like(out))
+def backward_rows(grad_sum: Tensor, max: Tensor, sum: Tensor) -> tuple[Tensor, Tensor]:
+    """What a custom backward of a partial ``(max, sum)`` multiplies ``exp(arg - shift)``
+    by, and the shift: ``dL/d arg_ij = dL/d sum_i * exp(arg_ij - max_i)``. Empty rows
+    (``sum = 0``) get no gradient and a finite shift.
+
+    The backward must shift by the forward's max and scale by the gradient of its sum, not
+    normalise by the log-sum-exp ``L = max + log(sum)``: where ``|max|`` is large, ``L``
+    rounds to ``max`` (``log 2`` is below an ulp of 1e8 in float32), and ``exp(arg - L)``
+    would then give each of k tied components probability 1 instead of 1/k."""
+    keep = sum > 0
+    return torch.where(keep, grad_sum, torch.zeros_like(grad_sum)), torch.where(keep, safe_shift(max), torch.zeros_like(max))
 
 
 def safe_shift(m: Tensor) -> Tensor:
@@ -82,40 +88,6 @@ def component_constants(log_var: Tensor, log_weights: Tensor | None, n: int, d: 
     if log_weights is not None:
         a = a + log_weights
     return a
-
-
-def centre(z: Tensor, means: Tensor) -> tuple[Tensor, Tensor]:
-    """Shifts queries and means by the means' average: distances are unchanged, and the
-    expansion |z|^2 + |mu|^2 - 2 z.mu loses far less to cancellation on centred data."""
-    c = means.detach().mean(0)
-    return z - c, means - c
-
-
-# A pair (i, j) is "near" when the expansion's result is below NEAR times the size of its
-# terms (|z_i|^2 + |mu_j|^2, scaled). Its rounding error is then up to ~eps / NEAR of the
-# distance itself, so near pairs are recomputed exactly from the difference z_i - mu_j;
-# every other pair keeps a relative error below ~8 eps, i.e. about 1e-6 in float32.
-NEAR = 0.125
-
-
-class Near(NamedTuple):
-    """Pairs recomputed by the difference form, in block coordinates."""
-
-    i: Tensor  # [K] row in the block
-    j: Tensor  # [K] column in the block
-
-
-def pieces(count: int, d: int, cells: int) -> range:
-    """Starts of slices of ``count`` near pairs whose ``[piece, d]`` temporaries fit ``cells``."""
-    return range(0, count, max(1, cells // max(d, 1)))
-
-
-def inverse_variance(log_var: Tensor) -> Tensor:
-    """``exp(-log_var)`` (0-d, [N] or [N, d]), at most the dtype's largest finite value / e:
-    a log-variance below about -88.7 would give ``inf`` in float32, and ``inf * 0`` NaN
-    for a query on its mean."""
-    floor = 1.0 - math.log(torch.finfo(log_var.dtype).max)  # clamped before exp: no inf * 0 in its gradient
-    return torch.exp(-log_var.clamp(min=floor))
 
 
 @contextlib.contextmanager
@@ -181,69 +153,290 @@ def addmm(bias: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0) -> Tensor:
         return torch.addmm(bias, a, b, alpha=alpha)
 
 
-def block_sq_dist(
-    zc: Tensor,
-    zz: Tensor,
-    mc: Tensor,
-    mm: Tensor,
-    inv: Tensor,
-    z: Tensor,
-    means: Tensor,
-    *,
-    inplace: bool = False,
-) -> tuple[Tensor, Near]:
-    r"""Squared distances of a block, accurate to a few ulps even for near-coincident points.
+# ----------------------------------------------------------------------------- distances
+#
+# Every backend works with the SCALED squared distance of a pair,
+#     D_ij = sum_k (z_ik - mu_jk)^2 / s_jk^2,   exponent a_j - D_ij / 2.
+# Scales enter as r = exp(-log_var / 2), which multiplies differences BEFORE they are
+# squared: (z - mu)^2 * exp(-log_var) under- and overflows in float32 (exp(88.8) = inf; a
+# squared difference of 1e-20 is denormal) where D itself is an ordinary number.
 
-    ``zc [b, d]`` and ``mc [n, d]`` are the centred queries and means, ``z`` and ``means``
-    the raw ones (near pairs subtract those: centring itself rounds). For isotropic scales (``inv`` 0-d or
-    ``[n]``) the result is the plain ``|z_i - mu_j|^2`` (scale it with :func:`exponents`),
-    with ``zz = |z|^2 [b]`` and ``mm = |mu|^2 [n]``; for diagonal scales (``inv [n, d]``) it
-    is already scaled, ``sum_k (z_ik - mu_jk)^2 inv_jk``, with ``zz = z*z [b, d]`` and
-    ``mm = sum_k mu_jk^2 inv_jk [n]``.
+# A pair (i, j) is "near" when the expansion's result is below NEAR times the size of its
+# terms (|z_i|^2 + |mu_j|^2, scaled). Its rounding error is then up to ~eps / NEAR of the
+# distance itself, so near pairs are recomputed exactly from the difference z_i - mu_j;
+# every other pair keeps a relative error below ~8 eps, i.e. about 1e-6 in float32.
+NEAR = 0.125
 
-    The bulk comes from the expansion (one GEMM); pairs where it cancels badly are
-    overwritten with the difference form (differentiably), and returned as :class:`Near`.
-    ``inplace=True`` (no autograd) saves a temporary.
+
+def big(dtype: torch.dtype) -> float:
+    """The largest scaled squared norm the expansion takes: with ``|z|^2, |mu|^2 <= big``,
+    ``|z|^2 + |mu|^2 - 2 z.mu`` stays finite. Rows and columns beyond it are flagged and all
+    their pairs take the difference form."""
+    return torch.finfo(dtype).max / 16
+
+
+def root_inverse_variance(log_var: Tensor) -> Tensor:
+    """``r = exp(-log_var / 2)`` (0-d, [N] or [N, d]). Log-variances below
+    ``-2 (log(finfo.max) - 1)`` (-175.4 in float32), where ``r`` itself would overflow, are
+    clamped there (their gradient is 0): no float32 data resolves such a scale."""
+    floor = -2.0 * (math.log(torch.finfo(log_var.dtype).max) - 1.0)
+    return torch.exp(-0.5 * log_var.clamp(min=floor))
+
+
+def gemm_inverse_variance(r: Tensor) -> Tensor:
+    """``r^2`` as the GEMMs of per-component and diagonal scales see it: at most
+    ``finfo.max ** 0.25`` (1.4e9 in float32, log-variance -20.9), so that ``mu * inv``,
+    ``mu^2 * inv`` and the backward's ``P * inv`` stay finite. Sharper components are
+    flagged (:class:`Frame`) and go wholly through the difference form, which uses ``r``."""
+    return (r * r).clamp(max=torch.finfo(r.dtype).max ** 0.25)
+
+
+class Rows(NamedTuple):
+    """The queries of a block as :func:`block_sq_dist` takes them."""
+
+    raw: Tensor  # [b, d] as given: near pairs subtract these
+    q: Tensor  # [b, d] centred (and times r for a scalar scale); 0 on flagged rows
+    zz: Tensor  # [b] |q|^2, or [b, d] q * q for diagonal scales
+    flag: Tensor  # [b] bool: too large for the expansion, every pair near
+    flagged: bool
+
+
+class Cols(NamedTuple):
+    """The components of a block as :func:`block_sq_dist` takes them."""
+
+    raw: Tensor  # [n, d] as given
+    mc: Tensor  # [n, d] centred (and times r for a scalar scale); 0 on flagged columns
+    q: Tensor  # [n, d] the cross term's operand: mc, or mc * g
+    mm: Tensor  # [n] scaled |mu|^2
+    r: Tensor  # root inverse variance: 0-d, [n] or [n, d]
+    g: Tensor | None  # GEMM inverse variance, [n] or [n, d] (None for a scalar scale)
+    flag: Tensor  # [n] bool: too large for the expansion or sharper than the GEMMs take
+    flagged: bool
+
+
+class Frame:
+    r"""Centring and scales of one call, applied block by block (no input-sized copies).
+
+    A scalar scale multiplies the centred data (``q = (z - c) r``): the expansion then gives
+    ``D`` directly, at any log-variance. Per-component and diagonal scales use
+    ``D = |z|^2 g + |mu|^2 g - 2 z.(mu g)`` with the capped ``g`` of
+    :func:`gemm_inverse_variance`.
     """
-    if inv.dim() == 2:
-        g = gemm_inverse_variance(inv)
-        t = addmm(mm.expand(zc.shape[0], -1), zz, g.T)
-        d2 = addmm(t, zc, (mc * g).T, alpha=-2)
+
+    def __init__(self, z: Tensor, means: Tensor, log_var: Tensor) -> None:
+        self.z, self.means, self.log_var = z, means, log_var
+        self.c = means.detach().mean(0)
+        self.scalar, self.diag = log_var.dim() == 0, log_var.dim() == 2
+        self.r = root_inverse_variance(log_var) if self.scalar else None
+        # the largest GEMM inverse variance, without an [N, d] temporary (r is monotone)
+        lv_min = log_var.detach().amin() if log_var.numel() else log_var.new_zeros(())
+        self.gmax = None if self.scalar else gemm_inverse_variance(root_inverse_variance(lv_min))
+        self.big = big(z.dtype)
+
+    def rows(self, rows: slice = slice(None)) -> Rows:
+        raw = self.z[rows]
+        q = raw - self.c
+        if self.scalar:
+            q = q * self.r
+        zz, flag = self._rows(q)
+        flagged = bool(flag.any())
+        if flagged:  # zeroed: finite terms; their pairs are recomputed
+            q = torch.where(flag[:, None], torch.zeros_like(q), q)
+            zz, _ = self._rows(q)
+        return Rows(raw, q, zz, flag, flagged)
+
+    def _rows(self, q: Tensor) -> tuple[Tensor, Tensor]:
+        zz = q * q if self.diag else (q * q).sum(-1)
+        with torch.no_grad():
+            size = zz.sum(-1) if self.diag else zz
+            if self.gmax is not None:
+                size = size * self.gmax
+            return zz, ~(size <= self.big)  # NaN and inf too
+
+    def cols(self, cols: slice = slice(None)) -> Cols:
+        raw = self.means[cols]
+        mc = raw - self.c
+        r = self.r if self.scalar else root_inverse_variance(self.log_var[cols])  # per block: no [N, d] copy
+        g = None if self.scalar else gemm_inverse_variance(r)
+        with torch.no_grad():
+            sharp = None if g is None else r * r > g  # inf > g too
+            if sharp is not None and self.diag:
+                sharp = sharp.any(-1)
+        mc, q, mm, flag = self._cols(mc, r, g, sharp)
+        flagged = bool(flag.any())
+        if flagged:
+            mc = torch.where(flag[:, None], torch.zeros_like(mc), mc)
+            mc, q, mm, _ = self._cols(mc, None, g, None)
+        return Cols(raw, mc, q, mm, r, g, flag, flagged)
+
+    def _cols(self, mc: Tensor, r: Tensor | None, g: Tensor | None, sharp: Tensor | None):
+        if g is None:
+            if r is not None:
+                mc = mc * r
+            q = mc
+        else:
+            q = mc * (g[:, None] if g.dim() == 1 else g)
+        mm = (mc * q).sum(-1)
+        with torch.no_grad():
+            flag = ~(mm <= self.big)
+            if sharp is not None:
+                flag |= sharp
+        return mc, q, mm, flag
+
+
+class Near:
+    """The pairs of a block recomputed by the difference form: a boolean mask (1 byte per
+    pair of the block) and the rows that hold any, handed out in bounded chunks."""
+
+    def __init__(self, mask: Tensor | None, rows: Tensor) -> None:
+        self.mask, self.rows = mask, rows
+
+    def chunks(self, cap: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+        """``(i, j)`` block coordinates of the near pairs, at most ``cap`` pairs (and a
+        ``cap``-byte slice of the mask) at a time; ``None``: all at once."""
+        if self.mask is None:
+            return
+        if cap is None:
+            nz = self.mask.nonzero()
+            yield nz[:, 0], nz[:, 1]
+            return
+        n = self.mask.shape[1]
+        per = max(1, cap // n)
+        for s in range(0, self.rows.numel(), per):
+            r = self.rows[s : s + per]
+            if n <= cap:
+                nz = self.mask[r].nonzero()
+                if nz.numel():
+                    yield r[nz[:, 0]], nz[:, 1]
+                continue
+            for row in r.tolist():  # a row wider than cap: column ranges
+                for c0 in range(0, n, cap):
+                    j = self.mask[row, c0 : c0 + cap].nonzero().view(-1)
+                    if j.numel():
+                        yield torch.full_like(j, row), j + c0
+
+
+# Bytes the near pairs may always use, however small the block: fewer pairs at a time
+# only add per-chunk overhead.
+NEAR_FLOOR = 1 << 16
+
+
+def near_cap(cells: int, d: int, elem: int) -> int:
+    """Near pairs recomputed at a time: their temporaries (indices, the scaled differences
+    ``[k, d]`` and their products, about ``32 + (4 d + 2) elem`` bytes a pair) fit in one
+    float per block cell, or :data:`NEAR_FLOOR`. Without this bound a block whose pairs
+    are all near held ~50 bytes per cell of indices and differences beyond its estimate
+    (a clustered data set: 2.3-9x the budget)."""
+    return max(1, max(cells * elem, NEAR_FLOOR) // (32 + (4 * d + 2) * elem))
+
+
+def scaled_diff(z: Tensor, means: Tensor, r: Tensor, i: Tensor, j: Tensor, *, inplace: bool = False) -> Tensor:
+    """``(z_i - mu_j) * r_j`` for pairs ``(i, j)``, ``[k, d]``, from the raw inputs (centring
+    itself rounds); ``r`` is 0-d, ``[n]`` or ``[n, d]``; ``inplace`` (no autograd) saves
+    temporaries. Clamped to ``+-sqrt(big)``: finite, so that a pair of probability 0
+    contributes ``0``, not ``0 * inf``, to a gradient (its distance is clamped to ``big``)."""
+    rj = _pick(r, j)
+    lim = big(z.dtype) ** 0.5
+    if inplace:
+        return z.index_select(0, i).sub_(means.index_select(0, j)).mul_(rj).clamp_(-lim, lim)
+    return ((z[i] - means[j]) * rj).clamp(-lim, lim)
+
+
+def _pick(r: Tensor, j: Tensor) -> Tensor:
+    """The scale of columns ``j``, broadcastable against ``[k, d]``."""
+    if r.dim() == 0:
+        return r
+    return r[j][:, None] if r.dim() == 1 else r[j]
+
+
+class _NearDistances(torch.autograd.Function):
+    """``dist`` with its near pairs overwritten by ``|(z_i - mu_j) r_j|^2``, ``cap`` pairs at a
+    time, for autograd. It saves the pair mask (1 byte a pair of the block) and recomputes
+    the differences in its backward, where a plain ``index_put`` would keep every near
+    pair's ``[d]`` difference in the graph (10x the dense estimate on clustered data).
+    Its backward is differentiable (the dense backend's double backward)."""
+
+    @staticmethod
+    def forward(ctx, dist, z, means, r, near, cap):  # type: ignore[override]
+        limit = big(dist.dtype)
+        for i, j in near.chunks(cap):
+            dist.index_put_((i, j), scaled_diff(z, means, r, i, j, inplace=True).square_().sum(-1).clamp_(max=limit))
+        ctx.mark_dirty(dist)
+        ctx.save_for_backward(z, means, r, near.mask, near.rows)
+        ctx.cap = cap
+        return dist
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        z, means, r, mask, rows = ctx.saved_tensors
+        need_z, need_m, need_r = ctx.needs_input_grad[1:4]
+        gz = torch.zeros_like(z) if need_z else None
+        gm = torch.zeros_like(means) if need_m else None
+        gr = torch.zeros_like(r) if need_r else None
+        lim = big(z.dtype)
+        for i, j in Near(mask, rows).chunks(ctx.cap):
+            diff = z[i] - means[j]
+            rj = _pick(r, j)
+            delta = diff * rj
+            # clamped in the forward (a difference or the sum beyond big): no gradient
+            ok = (delta.abs() < lim**0.5) & ((delta * delta).sum(-1, keepdim=True) < lim)
+            w = 2 * grad[i, j][:, None] * torch.where(ok, delta, torch.zeros_like(delta))  # dL/d delta
+            if gz is not None:
+                gz = gz.index_add(0, i, w * rj)
+            if gm is not None:
+                gm = gm.index_add(0, j, -(w * rj))
+            if gr is not None:
+                wr = w * diff
+                gr = gr + wr.sum() if r.dim() == 0 else gr.index_add(0, j, wr.sum(-1) if r.dim() == 1 else wr)
+        return grad.masked_fill(mask, 0), gz, gm, gr, None, None
+
+
+def block_sq_dist(rows: Rows, cols: Cols, *, inplace: bool = False, cap: int | None = None) -> tuple[Tensor, Near]:
+    r"""Scaled squared distances ``D [b, n]`` of a block, accurate to a few ulps even for
+    near-coincident points, and the :class:`Near` pairs that took the difference form.
+
+    The bulk comes from the expansion (two GEMMs at most); pairs where it cancels badly,
+    and every pair of a flagged row or column, are overwritten with
+    ``|(z_i - mu_j) r_j|^2`` (differentiably), ``cap`` pairs at a time.
+    ``inplace=True`` (no autograd) saves temporaries.
+    """
+    b = rows.q.shape[0]
+    if cols.g is None:
+        t = rows.zz[:, None] + cols.mm
+    elif cols.g.dim() == 1:
+        t = addmm(cols.mm.expand(b, -1), rows.zz[:, None], cols.g[None, :])
     else:
-        t = zz[:, None] + mm
-        d2 = addmm(t, zc, mc.T, alpha=-2)
+        t = addmm(cols.mm.expand(b, -1), rows.zz, cols.g.T)
+    dist = addmm(t, rows.q, cols.q.T, alpha=-2)
     with torch.no_grad():
-        # u > 0 marks near pairs; rows are screened with a cheap max before any nonzero().
-        # An expansion that overflowed (huge inverse variances) gives u = NaN (inf - inf):
-        # such pairs take the difference form too (amax propagates NaN to its row).
-        u = t.mul_(NEAR).sub_(d2) if inplace else t.detach() * NEAR - d2.detach()
+        # u > 0 marks near pairs; rows are screened with a cheap max before any mask.
+        u = t.mul_(NEAR).sub_(dist) if inplace else torch.mul(t.detach(), NEAR).sub_(dist.detach())
         del t
+        if rows.flagged:
+            u.masked_fill_(rows.flag[:, None], 1.0)
+        if cols.flagged:
+            u.masked_fill_(cols.flag[None, :], 1.0)
         top = u.amax(1) if u.numel() else u.new_zeros(0)
-        rows = torch.nonzero(~(top <= 0)).view(-1)  # NaN fails every comparison
-        if rows.numel() == 0:
-            empty = rows.new_zeros(0)
-            return d2, Near(empty, empty)
-        idx = torch.nonzero(~(u[rows] <= 0))
+        near_rows = torch.nonzero(top > 0).view(-1)
+        if near_rows.numel() == 0:
+            return dist, Near(None, near_rows)
+        mask = u > 0
         del u
-    i, j = rows[idx[:, 0]], idx[:, 1]
-    exact = []
-    step = pieces(i.shape[0], z.shape[1], d2.numel()).step  # [step, d] temporaries: a block's worth
-    for s in range(0, i.shape[0], step):
-        ii, jj = i[s : s + step], j[s : s + step]
-        sq = (z[ii] - means[jj]).square()
-        if inv.dim() == 2:
-            sq = sq * inv[jj]
-        exact.append(sq.sum(-1))
-    d2 = d2.index_put((i, j), torch.cat(exact) if len(exact) > 1 else exact[0])
-    return d2, Near(i, j)
+    near = Near(mask, near_rows)
+    if not inplace and torch.is_grad_enabled():
+        return _NearDistances.apply(dist, rows.raw, cols.raw, cols.r, near, cap), near
+    limit = big(dist.dtype)
+    for i, j in near.chunks(cap):
+        dist.index_put_((i, j), scaled_diff(rows.raw, cols.raw, cols.r, i, j, inplace=True).square_().sum(-1).clamp_(max=limit))
+    return dist, near
 
 
-def exponents(d2: Tensor, inv: Tensor, a: Tensor) -> Tensor:
-    r"""``a_j - d2_ij * inv_j / 2`` (isotropic) or ``a_j - d2_ij / 2`` (diagonal: already scaled)."""
-    if inv.dim() == 2:
-        return torch.add(a, d2, alpha=-0.5)
-    return torch.addcmul(a, d2, (-0.5 * inv).expand(a.shape))
-
+def exponents(dist: Tensor, a: Tensor, *, inplace: bool = False) -> Tensor:
+    r"""``a_j - D_ij / 2``, by the same two roundings in place or not (the chunked backward
+    must reproduce its forward's exponents bit for bit)."""
+    if inplace:
+        return dist.mul_(-0.5).add_(a)
+    return torch.mul(dist, -0.5).add_(a)
 
 def exclude_(arg: Tensor, local: Tensor, value: float) -> Tensor:
     r"""Sets ``arg[r, local[r]] = value`` for rows whose ``local`` lies in ``[0, n)``, in place,
@@ -262,24 +455,6 @@ def exclude(arg: Tensor, local: Tensor, value: float) -> Tensor:
     col = local.clamp(0, n - 1)[:, None]
     cur = arg.gather(1, col)
     return arg.scatter(1, col, torch.where(valid[:, None], torch.full_like(cur, value), cur))
-
-
-def gemm_inverse_variance(inv: Tensor) -> Tensor:
-    """Diagonal inverse variances as the GEMMs see them: at most ``finfo.max ** 0.25``
-    (1.4e9 in float32), so that ``mu * inv`` and ``mu^2 * inv`` stay finite, forward and
-    backward. Components sharper than that go wholly through the difference form
-    (:func:`sq_norms` gives them ``mm = inf``), which uses the true ``inv``."""
-    return inv.clamp(max=torch.finfo(inv.dtype).max ** 0.25)
-
-
-def sq_norms(z: Tensor, means: Tensor, inv: Tensor) -> tuple[Tensor, Tensor]:
-    """The ``zz`` and ``mm`` that :func:`block_sq_dist` takes, for centred inputs."""
-    if inv.dim() == 2:
-        g = gemm_inverse_variance(inv)
-        mm = (means * means * g).sum(-1)
-        sharp = (inv > g).any(-1)
-        return z * z, torch.where(sharp, torch.full_like(mm, math.inf), mm)
-    return (z * z).sum(-1), (means * means).sum(-1)
 
 
 def plan_blocks(b: int, n: int, cells: int, rows: int = 256) -> tuple[int, int]:

@@ -11,17 +11,7 @@ import math
 import torch
 from torch import Tensor
 
-from ._core import (
-    LogSumExp,
-    block_sq_dist,
-    centre,
-    exclude,
-    exclude_,
-    exponents,
-    inverse_variance,
-    safe_shift,
-    sq_norms,
-)
+from ._core import NEAR_FLOOR, Frame, LogSumExp, block_sq_dist, exclude, exclude_, exponents, near_cap, safe_shift
 
 # Floats per (query, component) cell at the peak, without / with the autograd graph (about
 # 2.5 and 4 measured on CPU with VmHWM, benchmarks/bench_engine.py).
@@ -30,8 +20,10 @@ CELL_FLOATS_GRAD = 5
 
 
 def memory(b: int, n: int, d: int, elem: int, budget: int, device: torch.device, grad: bool = False) -> int:
-    """Estimated peak bytes: a few B x N tensors (``memory_budget`` is not used)."""
-    return b * n * elem * (CELL_FLOATS_GRAD if grad else CELL_FLOATS)
+    """Estimated peak bytes: a few B x N tensors (``memory_budget`` is not used), the near
+    pairs' mask and workspace included (``tests/test_engine_memory.py`` measures it on data
+    where half of all pairs are near)."""
+    return b * n * elem * (CELL_FLOATS_GRAD if grad else CELL_FLOATS) + NEAR_FLOOR
 
 
 def logsumexp(
@@ -39,12 +31,11 @@ def logsumexp(
 ) -> LogSumExp:
     # Without autograd the B x N temporaries are reused in place.
     inplace = not (torch.is_grad_enabled() and any(t.requires_grad for t in (z, means, log_var, a)))
-    zc, mc = centre(z, means)
-    inv = inverse_variance(log_var)
-    zz, mm = sq_norms(zc, mc, inv)
-    d2, _ = block_sq_dist(zc, zz, mc, mm, inv, z, means, inplace=inplace)
-    arg = exponents(d2, inv, a.expand(means.shape[0]))
-    del d2
+    fr = Frame(z, means, log_var)
+    cap = near_cap(z.shape[0] * means.shape[0], z.shape[1], z.element_size())
+    dist, _ = block_sq_dist(fr.rows(), fr.cols(), inplace=inplace, cap=cap)
+    arg = exponents(dist, a.expand(means.shape[0]), inplace=inplace)
+    del dist
     if exclude_idx is not None:
         arg = exclude_(arg, exclude_idx, -math.inf) if inplace else exclude(arg, exclude_idx, -math.inf)
     m = arg.detach().amax(1)
@@ -56,10 +47,9 @@ def logsumexp(
 def knn(
     queries: Tensor, points: Tensor, k: int, exclude_idx: Tensor | None, *, memory_budget: int = 0
 ) -> tuple[Tensor, Tensor]:
-    zc, mc = centre(queries, points)
-    one = torch.ones((), dtype=zc.dtype, device=zc.device)
-    zz, mm = sq_norms(zc, mc, one)
-    d2, _ = block_sq_dist(zc, zz, mc, mm, one, queries, points, inplace=True)
+    fr = Frame(queries, points, torch.zeros((), dtype=queries.dtype, device=queries.device))
+    cap = near_cap(queries.shape[0] * points.shape[0], queries.shape[1], queries.element_size())
+    d2, _ = block_sq_dist(fr.rows(), fr.cols(), inplace=True, cap=cap)
     if exclude_idx is not None:
         d2 = exclude(d2, exclude_idx, math.inf)
     return torch.topk(d2, k, dim=1, largest=False, sorted=True)

@@ -9,7 +9,7 @@ recomputed inside the kernel from the raw difference ``z - mu``, only in tiles t
 such a pair. Leave-one-out exclusion (query ``i`` skips column ``exclude[i]``) and zero
 weights (``a_j = -inf``) happen inside the kernel.
 
-The backward (:class:`FusedLogSumExp`) saves only the inputs and the per-row log-sum-exp
+The backward (:class:`FusedPartial`) saves only the inputs and the per-row max and sum
 and recomputes the probabilities tile by tile in two kernels: one over query tiles (the
 gradient of ``z``) and one over component tiles (``means``, ``log_var``, ``a``). Two passes
 instead of atomics: every output is written by one program, so the gradients are
@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from . import _chunked
-from ._core import NEAR, LogSumExp, backward_rows, inverse_variance, warn_fallback
+from ._core import NEAR, LogSumExp, backward_rows, root_inverse_variance, warn_fallback
 
 # Launch configuration of each kernel on a GPU: (BLOCK_M queries, BLOCK_N components,
 # num_warps, num_stages). Not yet timed on a GPU (benchmarks/tune_fused.py does that); until
@@ -174,7 +174,9 @@ def memory(b: int, n: int, d: int, elem: int, budget: int, device: torch.device,
         partial.append((parts > 1) * parts * b * d)
         parts = _split(n, CONFIG["bwd_cols"][1], b, CONFIG["bwd_cols"][0], programs)[1]
         partial.append((parts > 1) * parts * n * (d + 2))
-    return (4 * b + 3 * n + d + max(partial)) * elem
+    # inputs made contiguous, scales, constants, exclusions (int64); the partial, the
+    # upstream gradient and their combination per query
+    return (10 * b + 4 * n + d + max(partial)) * elem
 
 
 def _split(outer: int, tile: int, inner: int, step: int, programs: int) -> tuple[int, int, int]:
@@ -202,21 +204,26 @@ def _kernels():
 
 def _define(triton, tl):
     @triton.jit
-    def _sq_dist(Z, M, rows, cols, ks, zc, zz, mc, mm, keep, rmask, cmask, D, near_frac, PREC: tl.constexpr):
-        # Expansion on centred data; near pairs (where it cancels) from the raw difference.
+    def _sq_dist(Z, M, rows, cols, ks, zc, zz, mc, mm, r, gi, rmask, cmask, D, near_frac, big, PREC: tl.constexpr):
+        # Scaled squared distances |z - mu|^2 r^2: the expansion on centred data times the
+        # inverse variance gi; from the raw difference times r where the expansion cancels
+        # (near pairs), where its terms are too large, and for columns the GEMM cannot take
+        # (gi = 0, see _Launch).
         cross = tl.dot(zc, tl.trans(mc), input_precision=PREC)
         t = zz[:, None] + mm[None, :]
         d2 = t - 2.0 * cross
-        near = (d2 < near_frac * t) & keep
+        near = (d2 < near_frac * t) | ~(t * gi[None, :] < big) | (gi == 0.0)[None, :]
+        near = near & rmask[:, None] & cmask[None, :]
+        dist = d2 * gi[None, :]
         if tl.max(near.to(tl.int32)) > 0:
             exact = tl.zeros_like(d2)
             for k in range(D):
                 zk = tl.load(Z + rows * D + k, mask=rmask, other=0.0)
                 mk = tl.load(M + cols * D + k, mask=cmask, other=0.0)
-                diff = zk[:, None] - mk[None, :]
+                diff = (zk[:, None] - mk[None, :]) * r[None, :]
                 exact += diff * diff
-            d2 = tl.where(near, exact, d2)
-        return d2, near
+            dist = tl.where(near, tl.minimum(exact, big), dist)
+        return dist, near
 
     @triton.jit
     def _load_rows(Z, C, rows, ks, B, D):
@@ -228,20 +235,21 @@ def _define(triton, tl):
         return zc, tl.sum(zc * zc, 1), rmask
 
     @triton.jit
-    def _load_cols(M, C, INV, A, cols, ks, N, D):
+    def _load_cols(M, C, R, GI, A, cols, ks, N, D):
         cmask = cols < N
         kmask = ks < D
         c = tl.load(C + ks, mask=kmask, other=0.0)
         m = tl.load(M + cols[:, None] * D + ks[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
         mc = tl.where(cmask[:, None] & kmask[None, :], m - c[None, :], 0.0)
-        inv = tl.load(INV + cols, mask=cmask, other=0.0)
+        r = tl.load(R + cols, mask=cmask, other=0.0)
+        gi = tl.load(GI + cols, mask=cmask, other=0.0)
         a = tl.load(A + cols, mask=cmask, other=0.0)
-        return mc, tl.sum(mc * mc, 1), inv, a, cmask
+        return mc, tl.sum(mc * mc, 1), r, gi, a, cmask
 
     globals().update(_sq_dist=_sq_dist, _load_rows=_load_rows, _load_cols=_load_cols)
 
     @triton.jit
-    def _fwd(Z, M, C, INV, A, EX, OUT_M, OUT_S, B, N, D, near_frac, CHUNK,
+    def _fwd(Z, M, C, R, GI, A, EX, OUT_M, OUT_S, B, N, D, near_frac, big, CHUNK,
              BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr, PREC: tl.constexpr):
         # Program (i, k): query tile i against components [k CHUNK, (k + 1) CHUNK); its
         # partial (max, sum) goes to row k of the outputs, combined on the host.
@@ -254,10 +262,10 @@ def _define(triton, tl):
         s_i = tl.zeros([BM], zc.dtype)
         for start in range(lo, tl.minimum(lo + CHUNK, N), BN):
             cols = start + tl.arange(0, BN)
-            mc, mm, inv, a, cmask = _load_cols(M, C, INV, A, cols, ks, N, D)
+            mc, mm, r, gi, a, cmask = _load_cols(M, C, R, GI, A, cols, ks, N, D)
             keep = cmask[None, :] & (cols[None, :] != ex[:, None]) & rmask[:, None]
-            d2, near = _sq_dist(Z, M, rows, cols, ks, zc, zz, mc, mm, keep, rmask, cmask, D, near_frac, PREC)
-            arg = tl.where(keep, a[None, :] - 0.5 * inv[None, :] * d2, float("-inf"))
+            dist, near = _sq_dist(Z, M, rows, cols, ks, zc, zz, mc, mm, r, gi, rmask, cmask, D, near_frac, big, PREC)
+            arg = tl.where(keep, a[None, :] - 0.5 * dist, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(arg, 1))
             shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # empty rows: exp(-inf) = 0
             s_i = s_i * tl.exp(m_i - shift) + tl.sum(tl.exp(arg - shift[:, None]), 1)
@@ -266,10 +274,11 @@ def _define(triton, tl):
         tl.store(OUT_S + tl.program_id(1) * B + rows, s_i, mask=rmask)
 
     @triton.jit
-    def _bwd_rows(Z, M, C, INV, A, EX, LSE, G, GZ, B, N, D, near_frac, CHUNK,
+    def _bwd_rows(Z, M, C, R, GI, A, EX, LSE, G, GZ, B, N, D, near_frac, big, CHUNK,
                   BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr, PREC: tl.constexpr):
         # dL/dz_i = sum_j P_ij g_i inv_j (mu_j - z_i), over the component tiles of chunk k
-        # (program (i, k)); the chunks' partial gradients are summed on the host.
+        # (program (i, k)); the chunks' partial gradients are summed on the host. P_ij g_i
+        # is exp(arg - LSE_i) G_i (the forward's max, the gradient of its sum).
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         lo = tl.program_id(1) * CHUNK
         ks = tl.arange(0, DP)
@@ -280,33 +289,33 @@ def _define(triton, tl):
         acc = tl.zeros([BM, DP], zc.dtype)
         for start in range(lo, tl.minimum(lo + CHUNK, N), BN):
             cols = start + tl.arange(0, BN)
-            mc, mm, inv, a, cmask = _load_cols(M, C, INV, A, cols, ks, N, D)
+            mc, mm, r, gi, a, cmask = _load_cols(M, C, R, GI, A, cols, ks, N, D)
             keep = cmask[None, :] & (cols[None, :] != ex[:, None]) & rmask[:, None]
-            d2, near = _sq_dist(Z, M, rows, cols, ks, zc, zz, mc, mm, keep, rmask, cmask, D, near_frac, PREC)
-            arg = a[None, :] - 0.5 * inv[None, :] * d2 - lse[:, None]
-            w = tl.where(keep, tl.exp(tl.where(keep, arg, 0.0)) * g[:, None] * inv[None, :], 0.0)
-            far = tl.where(near, 0.0, w)
+            dist, near = _sq_dist(Z, M, rows, cols, ks, zc, zz, mc, mm, r, gi, rmask, cmask, D, near_frac, big, PREC)
+            arg = a[None, :] - 0.5 * dist - lse[:, None]
+            p = tl.where(keep, tl.exp(tl.where(keep, arg, 0.0)) * g[:, None], 0.0)
+            far = tl.where(near, 0.0, p * gi[None, :])
             acc += tl.dot(far, mc, input_precision=PREC) - zc * tl.sum(far, 1)[:, None]
-            if tl.max(near.to(tl.int32)) > 0:  # near pairs: sum_j w_ij (mu_j - z_i) from the raw difference
-                wn = tl.where(near, w, 0.0)
+            if tl.max(near.to(tl.int32)) > 0:  # near pairs: sum_j P_ij r_j (mu_j - z_i) r_j from the raw difference
+                wn = tl.where(near, p * r[None, :], 0.0)
                 for k in range(D):
                     zk = tl.load(Z + rows * D + k, mask=rmask, other=0.0)
                     mk = tl.load(M + cols * D + k, mask=cmask, other=0.0)
-                    colk = tl.sum(wn * (mk[None, :] - zk[:, None]), 1)
+                    colk = tl.sum(wn * ((mk[None, :] - zk[:, None]) * r[None, :]), 1)
                     acc += tl.where(ks[None, :] == k, colk[:, None], 0.0)
         out = GZ + tl.program_id(1) * B * D
         tl.store(out + rows[:, None] * D + ks[None, :], acc, mask=rmask[:, None] & (ks[None, :] < D))
 
     @triton.jit
-    def _bwd_cols(Z, M, C, INV, A, EX, LSE, G, GM, GV, GA, B, N, D, near_frac, CHUNK,
+    def _bwd_cols(Z, M, C, R, GI, A, EX, LSE, G, GM, GV, GA, B, N, D, near_frac, big, CHUNK,
                   BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr, PREC: tl.constexpr):
         # Over the query tiles of chunk k (program (j, k)): dL/da_j = sum_i P_ij g_i,
-        # dL/dlog_var_j = inv_j / 2 sum_i P_ij g_i d2_ij, dL/dmu_j = sum_i P_ij g_i inv_j (z_i - mu_j);
+        # dL/dlog_var_j = 1/2 sum_i P_ij g_i D_ij, dL/dmu_j = sum_i P_ij g_i inv_j (z_i - mu_j);
         # the chunks' partial sums are added on the host.
         cols = tl.program_id(0) * BN + tl.arange(0, BN)
         lo = tl.program_id(1) * CHUNK
         ks = tl.arange(0, DP)
-        mc, mm, inv, a, cmask = _load_cols(M, C, INV, A, cols, ks, N, D)
+        mc, mm, r, gi, a, cmask = _load_cols(M, C, R, GI, A, cols, ks, N, D)
         ga = tl.zeros([BN], mc.dtype)
         gv = tl.zeros([BN], mc.dtype)
         acc = tl.zeros([BN, DP], mc.dtype)
@@ -317,34 +326,36 @@ def _define(triton, tl):
             lse = tl.load(LSE + rows, mask=rmask, other=0.0)
             g = tl.load(G + rows, mask=rmask, other=0.0)
             keep = cmask[None, :] & (cols[None, :] != ex[:, None]) & rmask[:, None]
-            d2, near = _sq_dist(Z, M, rows, cols, ks, zc, zz, mc, mm, keep, rmask, cmask, D, near_frac, PREC)
-            arg = a[None, :] - 0.5 * inv[None, :] * d2 - lse[:, None]
+            dist, near = _sq_dist(Z, M, rows, cols, ks, zc, zz, mc, mm, r, gi, rmask, cmask, D, near_frac, big, PREC)
+            arg = a[None, :] - 0.5 * dist - lse[:, None]
             p = tl.where(keep, tl.exp(tl.where(keep, arg, 0.0)) * g[:, None], 0.0)
             ga += tl.sum(p, 0)
-            gv += tl.sum(p * d2, 0)
-            w = p * inv[None, :]
-            far = tl.where(near, 0.0, w)
+            gv += tl.sum(p * dist, 0)
+            far = tl.where(near, 0.0, p * gi[None, :])
             acc += tl.dot(tl.trans(far), zc, input_precision=PREC) - mc * tl.sum(far, 0)[:, None]
             if tl.max(near.to(tl.int32)) > 0:
-                wn = tl.where(near, w, 0.0)
+                wn = tl.where(near, p * r[None, :], 0.0)
                 for k in range(D):
                     zk = tl.load(Z + rows * D + k, mask=rmask, other=0.0)
                     mk = tl.load(M + cols * D + k, mask=cmask, other=0.0)
-                    colk = tl.sum(wn * (zk[:, None] - mk[None, :]), 0)
+                    colk = tl.sum(wn * ((zk[:, None] - mk[None, :]) * r[None, :]), 0)
                     acc += tl.where(ks[None, :] == k, colk[:, None], 0.0)
         part = tl.program_id(1)
         tl.store(GM + part * N * D + cols[:, None] * D + ks[None, :], acc, mask=cmask[:, None] & (ks[None, :] < D))
         tl.store(GA + part * N + cols, ga, mask=cmask)
-        tl.store(GV + part * N + cols, 0.5 * inv * gv, mask=cmask)
+        tl.store(GV + part * N + cols, 0.5 * gv, mask=cmask)
 
     return triton, _fwd, _bwd_rows, _bwd_cols
 
 
 # Kinds of each kernel's own outputs and inputs (pointers to the float dtype), between the
-# six shared leading arguments (z, means, centre, inverse variances, constants, exclusions)
-# and the shared trailing ones (B, N, D, near_frac, CHUNK).
+# seven shared leading arguments (z, means, centre, root and capped inverse variances,
+# constants, exclusions) and the shared trailing ones (B, N, D, near_frac, big, CHUNK).
 _ARGS = {"fwd": 2, "bwd_rows": 3, "bwd_cols": 5}
-_TRAILING = ("i32", "i32", "i32", "fp32", "i32")
+_TRAILING = ("i32", "i32", "i32", "fp32", "fp32", "i32")
+# Bound on the expansion's scaled terms (_core.big), float32's in both dtypes: a float
+# argument, and smaller only sends more (astronomically far) pairs to the difference form.
+BIG = torch.finfo(torch.float32).max / 16
 
 
 def compile_for(
@@ -370,7 +381,7 @@ def compile_for(
     kernel = dict(zip(("fwd", "bwd_rows", "bwd_cols"), _kernels()[1:]))[name]
     bm, bn, warps, stages = config or CONFIG[name]
     ptr = "*fp64" if dtype == torch.float64 else "*fp32"
-    kinds = [ptr] * 5 + ["*i64"] + [ptr] * _ARGS[name] + list(_TRAILING)
+    kinds = [ptr] * 6 + ["*i64"] + [ptr] * _ARGS[name] + list(_TRAILING)
     meta = dict(BM=bm, BN=bn, DP=max(16, triton.next_power_of_2(d)), PREC="ieee" if dtype == torch.float64 else PRECISION)
     names = kernel.arg_names
     signature = dict(zip(names, kinds + ["constexpr"] * len(meta)))
@@ -387,7 +398,11 @@ class _Launch:
         self.b, self.n, self.d = b, n, z.shape[1]
         self.z, self.means = z.contiguous(), means.contiguous()
         self.c = means.mean(0).contiguous()
-        self.inv = inverse_variance(log_var).expand(n).contiguous()
+        self.r = root_inverse_variance(log_var).expand(n).contiguous()
+        # Inverse variances the tl.dot path takes; 0 marks columns sharper than that (all
+        # their pairs take the difference form, which uses r).
+        gi = self.r * self.r
+        self.gi = gi.masked_fill_(~(gi <= torch.finfo(gi.dtype).max ** 0.25), 0.0)  # the cap of _core.gemm_inverse_variance
         self.a = a.expand(n).contiguous()
         self.ex = ex.contiguous() if ex is not None else torch.full((b,), -1, dtype=torch.long, device=z.device)
         self.interpret = _interpret()
@@ -415,7 +430,7 @@ class _Launch:
         tiles, parts, chunk = self.splits(name)
         kernel = getattr(self, name)
         kernel[(tiles, parts)](
-            self.z, self.means, self.c, self.inv, self.a, self.ex, *rest, self.b, self.n, self.d, NEAR, chunk,
+            self.z, self.means, self.c, self.r, self.gi, self.a, self.ex, *rest, self.b, self.n, self.d, NEAR, BIG, chunk,
             BM=bm, BN=bn, DP=self.dp, PREC=self.prec, num_warps=warps, num_stages=stages,
         )
         return parts
@@ -434,35 +449,39 @@ def _programs(device: torch.device) -> int:
     return _device_programs(device.index if device.index is not None else torch.cuda.current_device())
 
 
-class FusedLogSumExp(torch.autograd.Function):
-    r"""``L_i = log sum_{j != e_i} exp(a_j - inv_j |z_i - mu_j|^2 / 2)`` by the fused kernels.
+class FusedPartial(torch.autograd.Function):
+    r"""The partial ``(max_i, sum_i)`` of ``arg_ij = a_j - inv_j |z_i - mu_j|^2 / 2`` over
+    ``j != e_i``, by the fused kernels.
 
-    Saves the inputs and ``L``; the backward recomputes the probabilities tile by tile
-    (gradients of ``z``, ``means``, ``log_var`` (0-d or ``[N]``) and ``a``). Not twice
-    differentiable.
+    Saves the inputs and the partial; the backward recomputes ``exp(arg_ij - max_i)`` tile
+    by tile, times the gradient of ``sum_i`` (gradients of ``z``, ``means``, ``log_var``
+    (0-d or ``[N]``) and ``a``). Not twice differentiable.
     """
 
     @staticmethod
     def forward(ctx, z, means, log_var, a, ex):  # type: ignore[override]
         k = _Launch(z, means, log_var, a, ex)
         if k.b == 0:  # a CUDA launch needs a non-empty grid
-            out = z.new_empty(0)
+            part = LogSumExp(z.new_empty(0), z.new_empty(0))
         else:
             parts = k.splits("fwd")[1]
             m = z.new_empty(parts, k.b)
             s = torch.empty_like(m)
             k.launch("fwd", m, s)
-            out = LogSumExp.reduce(m, s, 0).log()
-        ctx.save_for_backward(z, means, log_var, a, ex, out)
-        return out
+            part = LogSumExp.reduce(m, s, 0)
+        ctx.save_for_backward(z, means, log_var, a, ex, *part)
+        ctx.mark_non_differentiable(part.max)
+        return part.max, part.sum
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):  # type: ignore[override]
-        z, means, log_var, a, ex, out = ctx.saved_tensors
+    def backward(ctx, grad_m, grad_s):  # type: ignore[override]
+        z, means, log_var, a, ex, m, s = ctx.saved_tensors
         need_z, need_m, need_v, need_a = ctx.needs_input_grad[:4]
         k = _Launch(z, means, log_var, a, ex)
-        g, lse = (t.contiguous() for t in backward_rows(grad, out))
+        # The kernels take exp(arg - LSE) * G: the forward's max and the gradient of its sum
+        # (see _core.backward_rows).
+        g, lse = (t.contiguous() for t in backward_rows(grad_s, m, s))
         gz = gm = gv = ga = None
         if need_z:
             gz = torch.zeros_like(k.z)
@@ -484,13 +503,22 @@ class FusedLogSumExp(torch.autograd.Function):
         return gz, gm, gv, ga, None
 
 
+class FusedLogSumExp:
+    """``FusedLogSumExp.apply(z, means, log_var, a, exclude)``: the log-sum-exp itself (what
+    ``benchmarks/tune_fused.py`` times), through :class:`FusedPartial`."""
+
+    @staticmethod
+    def apply(z: Tensor, means: Tensor, log_var: Tensor, a: Tensor, ex: Tensor | None) -> Tensor:
+        return LogSumExp(*FusedPartial.apply(z, means, log_var, a, ex)).log()
+
+
 def logsumexp(
     z: Tensor, means: Tensor, log_var: Tensor, a: Tensor, exclude: Tensor | None, *, memory_budget: int
 ) -> LogSumExp:
     if not usable_shape(z.shape[1], log_var.dim() < 2):  # diagonal scales, very wide d
         return _chunked.logsumexp(z, means, log_var, a, exclude, memory_budget=memory_budget)
     a = a.expand(means.shape[0])
-    return LogSumExp.from_log(FusedLogSumExp.apply(z, means, log_var, a, exclude))
+    return LogSumExp(*FusedPartial.apply(z, means, log_var, a, exclude))
 
 
 def knn(

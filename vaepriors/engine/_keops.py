@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ._core import LogSumExp, backward_rows, inverse_variance, warn_fallback
+from ._core import LogSumExp, backward_rows, root_inverse_variance, warn_fallback
 
 # Output rows below which the GPU 2-D scheme is used (10-50x faster at B = 100..1000 on an
 # H100, anchors.md); the 1-D scheme needs tens of thousands of rows to fill a GPU.
@@ -165,65 +165,70 @@ class _Vars:
         b, n = z.shape[0], means.shape[0]
         # One formula for every scale shape (isotropic scales are expanded to [N, d]): three
         # compiled kernels per dtype and d instead of six, at the cost of d extra products.
-        inv = inverse_variance(log_var)
-        inv = inv.expand(n)[:, None].expand(n, z.shape[1]) if inv.dim() < 2 else inv
+        # Scales enter as r = exp(-log_var / 2) on the difference before it is squared
+        # (exp(-log_var) itself overflows float32 below -88.7).
+        r = root_inverse_variance(log_var)
+        r = r.expand(n)[:, None].expand(n, z.shape[1]) if r.dim() < 2 else r
         e = ex.to(z.dtype) if ex is not None else z.new_full((b,), -1.0)
         self.zi = LazyTensor(z[:, None, :].contiguous())
         self.mj = LazyTensor(means[None, :, :].contiguous())
-        self.vj = LazyTensor(inv[None, :, :].contiguous())
+        self.rj = LazyTensor(r[None, :, :].contiguous())
         self.aj = LazyTensor(a.clamp_min(SENTINEL)[None, :, None].contiguous())
         self.ei = LazyTensor(e[:, None, None].contiguous())
         self.jj = LazyTensor(torch.arange(n, dtype=z.dtype, device=z.device)[None, :, None])
         self.LazyTensor = LazyTensor
 
     def diff(self):
-        return self.zi - self.mj
+        """``(z_i - mu_j) r_j``."""
+        return self.rj * (self.zi - self.mj)
 
     def exponent(self):
-        dist = (self.vj * self.diff() ** 2).sum()
+        dist = (self.diff() ** 2).sum()
         keep = (self.jj - self.ei).abs() - 0.5  # >= 0 unless j is the excluded index
         return keep.ifelse(self.aj - 0.5 * dist, SENTINEL)
 
 
 class KeOpsLogSumExp(torch.autograd.Function):
-    r"""The mixture log-sum-exp as three KeOps reductions (forward, backward over components,
-    backward over queries). Not twice differentiable."""
+    r"""The partial ``(max, sum)`` of the mixture's exponents as three KeOps reductions
+    (forward, backward over components, backward over queries). Not twice differentiable."""
 
     @staticmethod
     def forward(ctx, z, means, log_var, a, ex):  # type: ignore[override]
         v = _Vars(z, means, log_var, a, ex)
-        out = v.exponent().logsumexp(dim=1, backend=_scheme(z.device, z.shape[0])).view(-1)
-        out = torch.where(out < SENTINEL / 2, torch.full_like(out, -float("inf")), out)
-        ctx.save_for_backward(z, means, log_var, a, ex, out)
-        return out
+        red = v.exponent().reduction("Max_SumShiftExp", dim=1, backend=_scheme(z.device, z.shape[0]))
+        m, s = red[:, 0].contiguous(), red[:, 1].contiguous()
+        empty = m < SENTINEL / 2  # only excluded pairs and zero weights
+        m = torch.where(empty, torch.full_like(m, -float("inf")), m)
+        s = torch.where(empty, torch.zeros_like(s), s)
+        ctx.save_for_backward(z, means, log_var, a, ex, m, s)
+        ctx.mark_non_differentiable(m)
+        return m, s
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):  # type: ignore[override]
-        z, means, log_var, a, ex, out = ctx.saved_tensors
+    def backward(ctx, grad_m, grad_s):  # type: ignore[override]
+        z, means, log_var, a, ex, m, s = ctx.saved_tensors
         need_z, need_m, need_v, need_a = ctx.needs_input_grad[:4]
         v = _Vars(z, means, log_var, a, ex)
         LT = v.LazyTensor
-        g, lse = backward_rows(grad, out)
-        prob = (v.exponent() - LT(lse[:, None, None].contiguous())).exp()  # P_ij
+        g, shift = backward_rows(grad_s, m, s)  # the forward's max, the gradient of its sum
+        prob = (v.exponent() - LT(shift[:, None, None].contiguous())).exp()  # d sum / d arg
         gz = gm = gv = ga = None
-        if need_z:
-            red = (prob * (v.vj * (v.mj - v.zi))).sum(dim=1, backend=_scheme(z.device, z.shape[0]))
-            gz = g[:, None] * red
+        if need_z:  # sum_j P_ij inv_j (mu_j - z_i), inv as r r: no overflow
+            red = (prob * (v.rj * v.diff())).sum(dim=1, backend=_scheme(z.device, z.shape[0]))
+            gz = -g[:, None] * red
         if need_m or need_v or need_a:
             d = z.shape[1]
             q = LT(g[:, None, None].contiguous()) * prob
             diff = v.diff()
-            red = q.concat(q * diff).concat(q * diff**2).sum(dim=0, backend=_scheme(z.device, means.shape[0]))
+            red = q.concat(q * (v.rj * diff)).concat(q * diff**2).sum(dim=0, backend=_scheme(z.device, means.shape[0]))
             col, qd, qsq = red[:, 0], red[:, 1 : d + 1], red[:, d + 1 :]
-            inv = inverse_variance(log_var)
-            inv = inv[:, None] if inv.dim() == 1 else inv
             if need_a:
                 ga = col
             if need_m:
-                gm = inv * qd
+                gm = qd
             if need_v:
-                gv = 0.5 * qsq * inv  # [N, d]; summed to the shape of log_var
+                gv = 0.5 * qsq  # [N, d]; summed to the shape of log_var
                 gv = gv.sum() if log_var.dim() == 0 else gv.sum(-1) if log_var.dim() == 1 else gv
         return gz, gm, gv, ga, None
 
@@ -232,7 +237,7 @@ def logsumexp(
     z: Tensor, means: Tensor, log_var: Tensor, a: Tensor, exclude: Tensor | None, *, memory_budget: int
 ) -> LogSumExp:
     a = a.expand(means.shape[0])
-    return LogSumExp.from_log(KeOpsLogSumExp.apply(z, means, log_var, a, exclude))
+    return LogSumExp(*KeOpsLogSumExp.apply(z, means, log_var, a, exclude))
 
 
 def knn(

@@ -18,8 +18,13 @@ Backends (the ``backend`` argument; all give the same numbers to float rounding)
 Precision: the bulk of the squared distances comes from one GEMM on centred data; pairs
 where that expansion cancels (a query within ~1/3 of its norm of a mean) are recomputed
 from the difference ``z - mu`` of the raw inputs, so float32 results stay within ~1e-6
-(relative) of float64 even for near-coincident points and tiny variances. The engine's
-GEMMs run in IEEE float32 even where the caller enabled TF32 (``_core.ieee_fp32``).
+(relative) of float64 even for near-coincident points and tiny variances. Scales enter as
+``exp(-log_var / 2)`` on differences before they are squared, so log-variances far below
+float32's ``exp`` range (-88.7) still give float64's values and gradients wherever float32
+can represent the data (down to -175; below, the log-variance is clamped). Every backend
+normalises its backward by the forward's own max and sum, so exponents tied by rounding
+share their probability. The engine's GEMMs run in IEEE float32 even where the caller
+enabled TF32 (``_core.ieee_fp32``).
 """
 
 from __future__ import annotations
