@@ -17,14 +17,19 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from ._core import LogSumExp, backward_rows, root_inverse_variance, warn_fallback
+from ._core import (
+    LogSumExp,
+    backward_rows,
+    root_inverse_variance,
+    run_probe,
+    warn_fallback,
+)
 
 # Output rows below which the GPU 2-D scheme is used (10-50x faster at B = 100..1000 on an
 # H100, anchors.md); the 1-D scheme needs tens of thousands of rows to fill a GPU.
@@ -75,21 +80,30 @@ def _disk_key(device: str, dtype: str) -> str:
 
 def _probe(device: str, dtype: str) -> tuple[bool, str]:
     timeout = float(os.environ.get("VAEPRIORS_KEOPS_TIMEOUT", "600"))
-    try:
-        res = subprocess.run(
-            [sys.executable, "-c", _PROBE, device, dtype],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-    except subprocess.TimeoutExpired:
-        return False, f"a test compile did not finish within {timeout:.0f} s"
+    res = run_probe(_PROBE, [device, dtype], timeout)
+    if res.returncode is None:
+        return False, f"a test compile did not finish within {timeout:.0f} s (VAEPRIORS_KEOPS_TIMEOUT)"
     if res.returncode == 0 and "KEOPS_OK" in res.stdout:
         return True, ""
     if res.returncode < 0:
         return False, f"a test compile crashed the process (signal {-res.returncode})"
-    tail = [line for line in (res.stderr + res.stdout).strip().splitlines() if line.strip()][-3:]
-    return False, f"a test reduction failed (exit code {res.returncode}): {' | '.join(tail)}"
+    notes = _compiler_notes(res.stdout + "\n" + res.stderr)
+    if not notes and "pykeops_cpp" in res.error:  # "Compiling ... OK", yet no module
+        notes = f"the C++ compiler ({os.environ.get('CXX') or 'g++'}) built no module"
+    return False, f"a test reduction failed (exit code {res.returncode}): {res.error}" + (f" (KeOps: {notes})" if notes else "")
+
+
+def _compiler_notes(text: str) -> str:
+    """What KeOps said about the compiler: its warning that none was found, or the first
+    line of the compiler's own complaint (its "Compiling ... OK" says nothing)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    notes = []
+    for k, line in enumerate(lines):
+        if "Warning" in line and "compiler" in line.lower() and not notes:
+            notes.append(line.split(":", 1)[-1].strip())
+        elif "There were warnings or errors" in line and k + 1 < len(lines):
+            notes.append(lines[k + 1])
+    return "; ".join(dict.fromkeys(notes[:3]))
 
 
 def check(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
