@@ -478,8 +478,21 @@ def warn_fallback(warned: set, what: str, device: torch.device, dtype: torch.dty
         f"vaepriors: {what} is unavailable on {device.type} for {dtype} because {cause}; "
         f"falling back to {fallback}. {fix}",
         RuntimeWarning,
-        stacklevel=5,
+        stacklevel=caller_level(),
     )
+
+
+def caller_level() -> int:
+    """The ``stacklevel`` of the first frame outside vaepriors and torch: a warning names
+    the caller's line, whichever entry point and autograd pass got there."""
+    import os
+    import sys
+
+    skip = tuple(os.path.dirname(m.__file__) for m in (sys.modules["vaepriors"], torch) if getattr(m, "__file__", None))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(skip):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 # ----------------------------------------------------------------------------- probes
