@@ -17,13 +17,14 @@ import torch
 from torch import Tensor
 
 from ._core import (
+    NEAR_FLOOR,
     Frame,
     LogSumExp,
     backward_rows,
     block_sq_dist,
+    caller_level,
     exclude_,
     exponents,
-    NEAR_FLOOR,
     ieee_fp32,
     near_cap,
     plan_blocks,
@@ -87,21 +88,8 @@ def _warn_budget(b: int, n: int, d: int, elem: int, budget: int, device: torch.d
         f"budget; raise memory_budget (or vaepriors.set_memory_budget) to at least {need}, or "
         f"split the queries or components into smaller calls.",
         RuntimeWarning,
-        stacklevel=_caller_level(),
+        stacklevel=caller_level(),
     )
-
-
-def _caller_level() -> int:
-    """The ``stacklevel`` of the first frame outside vaepriors and torch: the warning names
-    the caller's line, whichever entry point and autograd pass got here."""
-    import os
-    import sys
-
-    skip = tuple(os.path.dirname(m.__file__) for m in (sys.modules["vaepriors"], torch) if getattr(m, "__file__", None))
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename.startswith(skip):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 def _memory(b: int, n: int, d: int, elem: int, bc: int, nc: int) -> int:

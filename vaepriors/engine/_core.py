@@ -478,5 +478,87 @@ def warn_fallback(warned: set, what: str, device: torch.device, dtype: torch.dty
         f"vaepriors: {what} is unavailable on {device.type} for {dtype} because {cause}; "
         f"falling back to {fallback}. {fix}",
         RuntimeWarning,
-        stacklevel=5,
+        stacklevel=caller_level(),
     )
+
+
+def caller_level() -> int:
+    """The ``stacklevel`` of the first frame outside vaepriors and torch: a warning names
+    the caller's line, whichever entry point and autograd pass got there."""
+    import os
+    import sys
+
+    skip = tuple(os.path.dirname(m.__file__) for m in (sys.modules["vaepriors"], torch) if getattr(m, "__file__", None))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(skip):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+# ----------------------------------------------------------------------------- probes
+
+
+class ProbeResult(NamedTuple):
+    """What a check in a child interpreter gave: its exit code (negative: killed by that
+    signal; ``None``: timed out), its output, and the error worth showing."""
+
+    returncode: int | None
+    stdout: str
+    stderr: str
+    error: str
+
+
+def run_probe(code: str, args: Sequence[str], timeout: float, path: Sequence[str] = ()) -> ProbeResult:
+    """Runs ``python -c code args`` in a child interpreter that imports nothing from the
+    caller's working directory: it runs in an empty temporary directory, with ``-P`` where
+    Python has it, and a ``PYTHONPATH`` of ``path`` and the caller's own entries made
+    absolute, less those that name the working directory (empty, a trailing ``:``, ``.``):
+    a ``./pykeops`` or ``./triton`` folder there was imported and executed. On timeout
+    the child's whole process group (a compiler it started) is killed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+
+    here = os.path.realpath(os.getcwd())
+    entries = [os.path.abspath(e) for e in os.environ.get("PYTHONPATH", "").split(os.pathsep) if e]
+    entries = [*path, *(e for e in entries if os.path.realpath(e) != here)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(entries))
+    flags = ["-P"] if sys.version_info >= (3, 11) else []
+    posix = hasattr(os, "killpg")
+    with tempfile.TemporaryDirectory(prefix="vaepriors-probe-") as cwd:
+        proc = subprocess.Popen(
+            [sys.executable, *flags, "-c", code, *args],
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=posix,
+        )
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            if posix:
+                os.killpg(proc.pid, signal.SIGKILL)  # the child's compiler too
+            else:
+                proc.kill()
+            out, err = proc.communicate()
+            return ProbeResult(None, out, err, _real_error(err, out))
+    return ProbeResult(proc.returncode, out, err, _real_error(err, out))
+
+
+def _real_error(stderr: str, stdout: str) -> str:
+    """The line that says what went wrong: the exception a traceback ends with (KeOps
+    prints "Compiling ... OK" on stdout even when the compiler produced nothing), else
+    the last lines of stderr, else of stdout."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    for line in reversed(lines):
+        head = line.split(":", 1)[0]
+        if head.replace(".", "").replace("_", "").isalnum() and (head.endswith(("Error", "Exception", "Exit", "Interrupt")) or head == "Killed"):
+            return line
+    if not lines:
+        lines = [line.strip() for line in stdout.splitlines() if line.strip()]
+    return " | ".join(lines[-3:])

@@ -11,7 +11,17 @@ import math
 import torch
 from torch import Tensor
 
-from ._core import NEAR_FLOOR, Frame, LogSumExp, block_sq_dist, exclude, exclude_, exponents, near_cap, safe_shift
+from ._core import (
+    NEAR_FLOOR,
+    Frame,
+    LogSumExp,
+    block_sq_dist,
+    exclude,
+    exclude_,
+    exponents,
+    near_cap,
+    safe_shift,
+)
 
 # Floats per (query, component) cell at the peak, without / with the autograd graph (about
 # 2.5 and 4 measured on CPU with VmHWM, benchmarks/bench_engine.py).

@@ -34,16 +34,20 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import math
 import os
-import subprocess
-import sys
 
 import torch
 from torch import Tensor
 
 from . import _chunked
-from ._core import NEAR, LogSumExp, backward_rows, root_inverse_variance, warn_fallback
+from ._core import (
+    NEAR,
+    LogSumExp,
+    backward_rows,
+    root_inverse_variance,
+    run_probe,
+    warn_fallback,
+)
 
 # Launch configuration of each kernel on a GPU: (BLOCK_M queries, BLOCK_N components,
 # num_warps, num_stages). Not yet timed on a GPU (benchmarks/tune_fused.py does that); until
@@ -105,18 +109,16 @@ def _interpret() -> bool:
 
 
 def _probe(dtype: str) -> tuple[bool, str]:
+    # this checkout's vaepriors, explicitly: the child imports nothing from the working directory
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-    try:
-        res = subprocess.run(
-            [sys.executable, "-c", _PROBE, dtype], capture_output=True, text=True, timeout=600, env=env
-        )
-    except subprocess.TimeoutExpired:
+    res = run_probe(_PROBE, [dtype], 600, path=[root])
+    if res.returncode is None:
         return False, "a test compile did not finish within 600 s"
     if res.returncode == 0 and "FUSED_OK" in res.stdout:
         return True, ""
-    tail = [line for line in (res.stderr + res.stdout).strip().splitlines() if line.strip()][-3:]
-    return False, f"a test run failed (exit code {res.returncode}): {' | '.join(tail)}"
+    if res.returncode < 0:
+        return False, f"a test run crashed the process (signal {-res.returncode})"
+    return False, f"a test run failed (exit code {res.returncode}): {res.error}"
 
 
 def check(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:

@@ -17,14 +17,20 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from ._core import LogSumExp, backward_rows, root_inverse_variance, warn_fallback
+from ._core import (
+    LogSumExp,
+    backward_rows,
+    root_inverse_variance,
+    run_probe,
+    safe_shift,
+    warn_fallback,
+)
 
 # Output rows below which the GPU 2-D scheme is used (10-50x faster at B = 100..1000 on an
 # H100, anchors.md); the 1-D scheme needs tens of thousands of rows to fill a GPU.
@@ -63,6 +69,25 @@ def _cache_file() -> Path:
     return Path(root) / "keops_check.json"
 
 
+def _compiler() -> str:
+    """The C++ compiler KeOps will use, as KeOps picks it (``$CXX`` if found, else ``g++``,
+    or ``clang++`` first on macOS), resolved to a file with its size and modification time:
+    another compiler first on ``PATH``, or one replaced in place, is another verdict."""
+    import shutil
+
+    names = [os.environ.get("CXX", "")] + (["clang++", "g++"] if sys.platform == "darwin" else ["g++"])
+    for name in names:
+        found = shutil.which(name) if name else None
+        if found:
+            real = os.path.realpath(found)
+            try:
+                st = os.stat(real)
+            except OSError:
+                return real
+            return f"{real}:{st.st_size}:{st.st_mtime_ns}"
+    return "no compiler"
+
+
 def _disk_key(device: str, dtype: str) -> str:
     try:
         from importlib.metadata import version
@@ -70,26 +95,36 @@ def _disk_key(device: str, dtype: str) -> str:
         keops = version("pykeops")
     except Exception:  # noqa: BLE001 - no metadata: no disk cache
         keops = "?"
-    return "|".join([keops, torch.__version__, sys.executable, os.environ.get("CXX", ""), device, dtype])
+    parts = [keops, torch.__version__, sys.executable, os.environ.get("CXX", ""), _compiler()]
+    return "|".join([*parts, os.environ.get("KEOPS_CACHE_FOLDER", ""), device, dtype])
 
 
 def _probe(device: str, dtype: str) -> tuple[bool, str]:
     timeout = float(os.environ.get("VAEPRIORS_KEOPS_TIMEOUT", "600"))
-    try:
-        res = subprocess.run(
-            [sys.executable, "-c", _PROBE, device, dtype],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-    except subprocess.TimeoutExpired:
-        return False, f"a test compile did not finish within {timeout:.0f} s"
+    res = run_probe(_PROBE, [device, dtype], timeout)
+    if res.returncode is None:
+        return False, f"a test compile did not finish within {timeout:.0f} s (VAEPRIORS_KEOPS_TIMEOUT)"
     if res.returncode == 0 and "KEOPS_OK" in res.stdout:
         return True, ""
     if res.returncode < 0:
         return False, f"a test compile crashed the process (signal {-res.returncode})"
-    tail = [line for line in (res.stderr + res.stdout).strip().splitlines() if line.strip()][-3:]
-    return False, f"a test reduction failed (exit code {res.returncode}): {' | '.join(tail)}"
+    notes = _compiler_notes(res.stdout + "\n" + res.stderr)
+    if not notes and "pykeops_cpp" in res.error:  # "Compiling ... OK", yet no module
+        notes = f"the C++ compiler ({os.environ.get('CXX') or 'g++'}) built no module"
+    return False, f"a test reduction failed (exit code {res.returncode}): {res.error}" + (f" (KeOps: {notes})" if notes else "")
+
+
+def _compiler_notes(text: str) -> str:
+    """What KeOps said about the compiler: its warning that none was found, or the first
+    line of the compiler's own complaint (its "Compiling ... OK" says nothing)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    notes = []
+    for k, line in enumerate(lines):
+        if "Warning" in line and "compiler" in line.lower() and not notes:
+            notes.append(line.split(":", 1)[-1].strip())
+        elif "There were warnings or errors" in line and k + 1 < len(lines):
+            notes.append(lines[k + 1])
+    return "; ".join(dict.fromkeys(notes[:3]))
 
 
 def check(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
@@ -97,8 +132,10 @@ def check(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
 
     Checked once per process in a child process (a crashing compile cannot take the caller
     down); successes are remembered on disk (``~/.cache/vaepriors``, or
-    ``$VAEPRIORS_CACHE_DIR``) per pykeops/torch version, interpreter and ``CXX``.
-    ``VAEPRIORS_KEOPS=0`` turns KeOps off.
+    ``$VAEPRIORS_CACHE_DIR``) per pykeops/torch version, interpreter, ``CXX``, the compiler
+    file KeOps will find and ``KEOPS_CACHE_FOLDER``. A KeOps call that fails later anyway
+    (:func:`failed`) turns the verdict and its disk entry back. ``VAEPRIORS_KEOPS=0``
+    turns KeOps off.
     """
     key = (device.type, str(dtype).removeprefix("torch."))
     if key in _VERDICT:
@@ -135,6 +172,32 @@ def _check_with_disk_cache(device: str, dtype: str) -> tuple[bool, str]:
         except OSError:
             pass
     return verdict
+
+
+def failed(device: torch.device, dtype: torch.dtype, err: BaseException) -> None:
+    """Records that a KeOps call failed after its check passed (a compiler that broke since,
+    a stale build cache): the process stops using KeOps for this device type and dtype, the
+    disk verdict is dropped, and one warning (the fallback's) names the error."""
+    key = (device.type, str(dtype).removeprefix("torch."))
+    cause = f"a KeOps call failed after its check had passed ({type(err).__name__}: {err})"
+    _VERDICT[key] = (False, cause)
+    path, dkey = _cache_file(), _disk_key(*key)
+    try:
+        known = json.loads(path.read_text())
+        if known.pop(dkey, None) is not None:
+            path.write_text(json.dumps(known, indent=1))
+    except (OSError, ValueError):
+        pass
+    available(device, dtype, warn=True)
+
+
+def _fallback(op: str, z: Tensor, n: int, isotropic: bool, budget: int):
+    """The torch backend that runs in KeOps' place (as ``auto`` would pick it)."""
+    from . import _auto, _chunked, _dense
+
+    grad = torch.is_grad_enabled()
+    name = _auto.choose(op, z.device, z.dtype, z.shape[0], n, z.shape[1], grad, budget, keops=False, isotropic=isotropic)
+    return _dense if name == "dense" else _chunked
 
 
 def available(device: torch.device, dtype: torch.dtype, *, warn: bool) -> bool:
@@ -190,10 +253,12 @@ class _Vars:
 
 class KeOpsLogSumExp(torch.autograd.Function):
     r"""The partial ``(max, sum)`` of the mixture's exponents as three KeOps reductions
-    (forward, backward over components, backward over queries). Not twice differentiable."""
+    (forward, backward over components, backward over queries). Not twice differentiable.
+    A backward whose KeOps reductions fail (:func:`failed`) is computed by the chunked
+    backend instead."""
 
     @staticmethod
-    def forward(ctx, z, means, log_var, a, ex):  # type: ignore[override]
+    def forward(ctx, z, means, log_var, a, ex, budget):  # type: ignore[override]
         v = _Vars(z, means, log_var, a, ex)
         red = v.exponent().reduction("Max_SumShiftExp", dim=1, backend=_scheme(z.device, z.shape[0]))
         m, s = red[:, 0].contiguous(), red[:, 1].contiguous()
@@ -202,47 +267,85 @@ class KeOpsLogSumExp(torch.autograd.Function):
         s = torch.where(empty, torch.zeros_like(s), s)
         ctx.save_for_backward(z, means, log_var, a, ex, m, s)
         ctx.mark_non_differentiable(m)
+        ctx.budget = budget
         return m, s
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_m, grad_s):  # type: ignore[override]
         z, means, log_var, a, ex, m, s = ctx.saved_tensors
-        need_z, need_m, need_v, need_a = ctx.needs_input_grad[:4]
-        v = _Vars(z, means, log_var, a, ex)
-        LT = v.LazyTensor
-        g, shift = backward_rows(grad_s, m, s)  # the forward's max, the gradient of its sum
-        prob = (v.exponent() - LT(shift[:, None, None].contiguous())).exp()  # d sum / d arg
-        gz = gm = gv = ga = None
-        if need_z:  # sum_j P_ij inv_j (mu_j - z_i), inv as r r: no overflow
-            red = (prob * (v.rj * v.diff())).sum(dim=1, backend=_scheme(z.device, z.shape[0]))
-            gz = -g[:, None] * red
-        if need_m or need_v or need_a:
-            d = z.shape[1]
-            q = LT(g[:, None, None].contiguous()) * prob
-            diff = v.diff()
-            red = q.concat(q * (v.rj * diff)).concat(q * diff**2).sum(dim=0, backend=_scheme(z.device, means.shape[0]))
-            col, qd, qsq = red[:, 0], red[:, 1 : d + 1], red[:, d + 1 :]
-            if need_a:
-                ga = col
-            if need_m:
-                gm = qd
-            if need_v:
-                gv = 0.5 * qsq  # [N, d]; summed to the shape of log_var
-                gv = gv.sum() if log_var.dim() == 0 else gv.sum(-1) if log_var.dim() == 1 else gv
-        return gz, gm, gv, ga, None
+        try:
+            grads = _backward(ctx.needs_input_grad[:4], z, means, log_var, a, ex, m, s, grad_s)
+        except Exception as err:  # noqa: BLE001 - KeOps' compile and load errors have no common type
+            failed(z.device, z.dtype, err)
+            grads = _torch_backward(ctx.needs_input_grad[:4], z, means, log_var, a, ex, m, s, grad_s, ctx.budget)
+        return (*grads, None, None)
+
+
+def _backward(needs, z, means, log_var, a, ex, m, s, grad_s):
+    need_z, need_m, need_v, need_a = needs
+    v = _Vars(z, means, log_var, a, ex)
+    LT = v.LazyTensor
+    g, shift = backward_rows(grad_s, m, s)  # the forward's max, the gradient of its sum
+    prob = (v.exponent() - LT(shift[:, None, None].contiguous())).exp()  # d sum / d arg
+    gz = gm = gv = ga = None
+    if need_z:  # sum_j P_ij inv_j (mu_j - z_i), inv as r r: no overflow
+        red = (prob * (v.rj * v.diff())).sum(dim=1, backend=_scheme(z.device, z.shape[0]))
+        gz = -g[:, None] * red
+    if need_m or need_v or need_a:
+        d = z.shape[1]
+        q = LT(g[:, None, None].contiguous()) * prob
+        diff = v.diff()
+        red = q.concat(q * (v.rj * diff)).concat(q * diff**2).sum(dim=0, backend=_scheme(z.device, means.shape[0]))
+        col, qd, qsq = red[:, 0], red[:, 1 : d + 1], red[:, d + 1 :]
+        if need_a:
+            ga = col
+        if need_m:
+            gm = qd
+        if need_v:
+            gv = 0.5 * qsq  # [N, d]; summed to the shape of log_var
+            gv = gv.sum() if log_var.dim() == 0 else gv.sum(-1) if log_var.dim() == 1 else gv
+    return gz, gm, gv, ga
+
+
+def _torch_backward(needs, z, means, log_var, a, ex, m, s, grad_s, budget):
+    """The same gradients by the chunked backend: its partial ``(m', s')`` relates to this
+    one by ``s = s' exp(m' - m)``."""
+    from . import _chunked
+
+    leaves = [t.detach().requires_grad_(need) for t, need in zip((z, means, log_var, a), needs)]
+    with torch.enable_grad():
+        mc, sc = _chunked.ChunkedLogSumExp.apply(*leaves, ex, budget)
+        scale = torch.where(s > 0, grad_s * torch.exp(safe_shift(mc) - safe_shift(m)), torch.zeros_like(grad_s))
+        wanted = [t for t in leaves if t.requires_grad]
+        got = iter(torch.autograd.grad(sc, wanted, scale, allow_unused=True))
+    return tuple(next(got) if t.requires_grad else None for t in leaves)
 
 
 def logsumexp(
     z: Tensor, means: Tensor, log_var: Tensor, a: Tensor, exclude: Tensor | None, *, memory_budget: int
 ) -> LogSumExp:
     a = a.expand(means.shape[0])
-    return LogSumExp(*KeOpsLogSumExp.apply(z, means, log_var, a, exclude))
+    try:
+        return LogSumExp(*KeOpsLogSumExp.apply(z, means, log_var, a, exclude, memory_budget))
+    except Exception as err:  # noqa: BLE001 - KeOps' compile and load errors have no common type
+        failed(z.device, z.dtype, err)
+        impl = _fallback("logsumexp", z, means.shape[0], log_var.dim() < 2, memory_budget)
+        return impl.logsumexp(z, means, log_var, a, exclude, memory_budget=memory_budget)
 
 
 def knn(
     queries: Tensor, points: Tensor, k: int, exclude: Tensor | None, *, memory_budget: int
 ) -> tuple[Tensor, Tensor]:
+    try:
+        return _knn(queries, points, k, exclude)
+    except Exception as err:  # noqa: BLE001 - as in logsumexp
+        failed(queries.device, queries.dtype, err)
+        impl = _fallback("knn", queries, points.shape[0], True, memory_budget)
+        return impl.knn(queries, points, k, exclude, memory_budget=memory_budget)
+
+
+def _knn(queries: Tensor, points: Tensor, k: int, exclude: Tensor | None) -> tuple[Tensor, Tensor]:
     from pykeops.torch import LazyTensor
 
     b, n = queries.shape[0], points.shape[0]
