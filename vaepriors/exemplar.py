@@ -241,6 +241,8 @@ class ExemplarPrior(BasePrior):
         Retrieval, and Data Augmentation" (NeurIPS 2020), eqs. 8-12 and supplementary C, G.
     """
 
+    _observe_validates = True  # observe() checks the means it writes into the RAT cache
+
     def __init__(
         self,
         data: Tensor | torch.utils.data.Dataset,
