@@ -755,3 +755,59 @@ def test_extreme_variances(log_var, kw):
     prior.eval()
     full = rows_ref(z, mu, log_var, [range(8)] * 3, [8] * 3)
     torch.testing.assert_close(prior.log_prob(z).double(), full, rtol=1e-5, atol=1e-4)
+
+
+# -- the retrieval's kNN, the cache's norms and its refresh schedule ---------------------------
+
+
+@pytest.mark.parametrize("n,b,k", [(200, 17, 5), (40, 6, 39), (1000, 30, 10)])
+def test_exact_knn_equals_the_engine(n, b, k, dtype):
+    from vaepriors.rat import exact_knn
+
+    g = torch.Generator().manual_seed(n)
+    points = torch.randn(n, 4, generator=g, dtype=dtype) * 3
+    queries = points[:b] + 0.01 * torch.randn(b, 4, generator=g, dtype=dtype)
+    exclude = torch.arange(b)
+    exclude[::3] = -1
+    d2_ref, idx_ref = vp.knn(queries, points, k, exclude=exclude)
+    for budget in (None, 3 * b * 2 * k * points.element_size()):  # one block, and blocks of ~2k points
+        d2, idx = exact_knn(queries, points, k, exclude, memory_budget=budget)
+        assert torch.equal(idx, idx_ref)
+        torch.testing.assert_close(d2, d2_ref, rtol=0, atol=0)
+        assert not (idx == exclude[:, None]).any()
+
+
+def test_cache_norms_follow_writes_and_edits():
+    prior, enc, x = make(n=12, k=2)
+    prior.log_prob(torch.zeros(2, 3), index=torch.tensor([0, 1]))
+    rat = prior.rat
+    torch.testing.assert_close(rat.norms(), rat.means.square().sum(-1))
+    rat.write(torch.tensor([3, 5, 3]), torch.arange(9.0).reshape(3, 3))  # a repeat: the last write wins
+    assert torch.equal(rat.means[3], torch.tensor([6.0, 7.0, 8.0]))
+    torch.testing.assert_close(rat.norms(), rat.means.square().sum(-1))
+    with torch.no_grad():
+        prior.rat_cache[7] = 2.0  # an edit by hand
+    torch.testing.assert_close(rat.norms(), rat.means.square().sum(-1))
+    prior.double()
+    torch.testing.assert_close(rat.norms(), rat.means.square().sum(-1))
+
+
+def test_first_epoch_encodes_the_exemplars_once():
+    prior, enc, x = make(n=10, k=2, chunk_size=100)  # one encoder call per full pass
+    z, idx = torch.zeros(2, 3), torch.tensor([0, 1])
+    prior.log_prob(z, index=idx)  # builds the cache: this epoch's refresh
+    calls = enc.calls
+    prior.on_epoch_end(0)
+    assert enc.calls == calls  # no second pass in the first epoch
+    prior.log_prob(z, index=idx)
+    calls = enc.calls
+    prior.on_epoch_end(1)
+    assert enc.calls == calls + 1  # refreshed at the end of the second epoch
+    torch.testing.assert_close(prior.rat_cache, means64(enc, x).float(), rtol=1e-5, atol=1e-6)
+    prior.refresh_cache()  # by hand, mid-epoch: it is this epoch's refresh
+    calls = enc.calls
+    prior.on_epoch_end(2)
+    assert enc.calls == calls
+    state = prior.state_dict()
+    assert state["_extra_state"]["cache_filled_this_epoch"] is False
+

@@ -511,7 +511,8 @@ class ExemplarPrior(BasePrior):
         return self.rat.built(self.n_local, self._latent_dim)
 
     def refresh_cache(self) -> None:
-        r"""Recomputes the RAT cache of all latent means (no gradients)."""
+        r"""Recomputes the RAT cache of all latent means (no gradients). It counts as the
+        refresh of the epoch under way: one due at that epoch's end is skipped."""
         if self.rat is None:
             raise VAEPriorsError("refresh_cache() needs a RAT prior (construct it with `k`)")
         self.rat.fill(self._all_means(split=True))
@@ -545,12 +546,16 @@ class ExemplarPrior(BasePrior):
             raise VAEPriorsError(f"`mean` must have shape [B, d], got {tuple(mean.shape)}")
         index = _checks.index(index, mean.shape[:1], self.n_exemplars, "index")
         keep = index >= 0
-        self.rat.write(index[keep], mean[keep], self._offset, share=self._comm() is not None)
+        # Validated indices of an unsharded prior all fall in its rows.
+        self.rat.write(index[keep], mean[keep], self._offset, share=self._comm() is not None,
+                       in_range=self.n_local == self.n_exemplars)  # fmt: skip
 
     def on_epoch_end(self, epoch: int) -> None:
-        r"""Refreshes the RAT cache fully every ``refresh_every`` calls (if it is built)."""
+        r"""Refreshes the RAT cache fully every ``refresh_every`` calls (if it is built); a
+        refresh that falls at the end of the epoch in which the cache was built (at first
+        use) or refreshed by hand is skipped, that fill having been this epoch's refresh."""
         if self.rat is not None and self.rat.epoch_ended() and self._cache_built():
-            self.refresh_cache()
+            self.rat.fill(self._all_means(split=True), scheduled=True)
 
     def get_extra_state(self) -> dict:
         r"""What :meth:`state_dict` holds besides tensors (key ``_extra_state``): the private
@@ -560,6 +565,7 @@ class ExemplarPrior(BasePrior):
         state: dict = {"n_exemplars": self.n_exemplars, "n_local": self.n_local}
         if self.rat is not None:
             state["epochs_since_refresh"] = self.rat.epochs_since_refresh
+            state["cache_filled_this_epoch"] = self.rat.filled_this_epoch
         if self.generator is not None:
             state["generator"] = self.generator.get_state()
         return state
@@ -569,6 +575,7 @@ class ExemplarPrior(BasePrior):
         has a generator of its own)."""
         if self.rat is not None:
             self.rat.epochs_since_refresh = int(state.get("epochs_since_refresh", 0))
+            self.rat.filled_this_epoch = bool(state.get("cache_filled_this_epoch", False))
         if self.generator is not None and state.get("generator") is not None:
             self.generator.set_state(state["generator"])
 
@@ -704,26 +711,40 @@ class ExemplarPrior(BasePrior):
         rat, lo = self.rat, self._offset
         cache = self._ensure_cache()
         rat.merge(self._comm(), lo, "ExemplarPrior: merging the RAT cache writes of all ranks")
-        positions = torch.arange(self.n_local, device=cache.device) if held is None else held.to(cache.device)
-        points = cache if held is None else cache[positions]
+        norms = rat.norms()
+        if held is None:
+            points = cache
+            ids = None if lo == 0 else torch.arange(lo, lo + self.n_local, device=cache.device)
+        else:
+            positions = held.to(cache.device)
+            points, norms, ids = cache[positions], norms[positions], positions + lo
         nb = sharded_knn(
-            z.detach().to(points.dtype), points, positions + lo, self.k, exclude.to(points.device), comm,
-            "ExemplarPrior: merging the neighbours of all shards", backend=self.backend, memory_budget=self.memory_budget,
+            z.detach().to(points.dtype), points, ids, self.k,
+            exclude.to(points.device), comm, "ExemplarPrior: merging the neighbours of all shards",
+            norms=norms, backend=self.backend, memory_budget=self.memory_budget,
         ).to(z.device)  # [rows, k] global ids
         rat.last_neighbours = nb
-        mine = (nb >= lo) & (nb < lo + self.n_local)  # the neighbours this process holds
-        uniq, inv_mine = torch.unique((nb - lo)[mine], return_inverse=True)
-        inv = torch.zeros_like(nb)
-        inv[mine] = inv_mine
+        if comm is None and lo == 0 and self.n_local == self.n_exemplars:
+            # One process holding every exemplar: every neighbour is its own, none is -1.
+            mine = None
+            uniq, inv = torch.unique(nb, return_inverse=True)
+        else:
+            mine = (nb >= lo) & (nb < lo + self.n_local)  # the neighbours this process holds
+            uniq, inv_mine = torch.unique((nb - lo)[mine], return_inverse=True)
+            inv = torch.zeros_like(nb)
+            inv[mine] = inv_mine
         fresh = self.exemplar_means(uniq) if uniq.numel() else z.new_zeros(0, z.shape[-1])
         _checks.finite(fresh, "encoder mean")
-        rat.write(uniq + lo, fresh, lo, share=self._comm() is not None and not self.shard)
+        rat.write(uniq + lo if lo else uniq, fresh, lo, share=self._comm() is not None and not self.shard,
+                  unique=True, in_range=True)  # fmt: skip
         rat.merge(None if self.shard else self._comm(), lo, "ExemplarPrior: merging the RAT cache writes of all ranks")
         d = z.shape[-1]
         log_var = self.log_var.to(z.dtype)
         if fresh.shape[0]:
             sq = (z.unsqueeze(-2) - fresh[inv]).pow(2).sum(-1)  # [rows, k]
-            expo = (-0.5 * sq * torch.exp(-log_var)).masked_fill(~mine, -math.inf)
+            expo = -0.5 * sq * torch.exp(-log_var)
+            if mine is not None:
+                expo = expo.masked_fill(~mine, -math.inf)
         else:
             expo = torch.full_like(nb, -math.inf, dtype=z.dtype)
         const = -0.5 * d * (math.log(2 * math.pi) + log_var)
