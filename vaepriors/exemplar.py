@@ -15,7 +15,7 @@ from torch.distributions import Distribution
 from . import _checks
 from . import distributed as dist
 from .encoder import Location, Posterior
-from .engine import LogSumExp, mixture_logsumexp
+from .engine import LogSumExp, get_memory_budget, mixture_logsumexp
 from .errors import VAEPriorsError
 from .exemplar_set import ExemplarSet
 from .prior import BasePrior
@@ -233,7 +233,16 @@ class ExemplarPrior(BasePrior):
         shard: hold only this rank's block of the exemplars (under torch.distributed).
         process_group: the group to communicate in (``None``: the default group).
         sync: communicate under torch.distributed at all (``False``: every rank on its own).
-
+        truncate_backward: ``None`` (the default): exact gradients. A tolerance ``tau``
+            (leave-one-out and subsampling, not RAT): in training mode the encoder gradient
+            through the exemplar means is kept only for the exemplars whose responsibility,
+            the largest over the call's queries of the posterior weight
+            :math:`w_{in} = \mathcal N(z_i; \mu_n, \sigma^2 I) / \sum_m \mathcal N(z_i;
+            \mu_m, \sigma^2 I)`, exceeds ``tau``; the others are encoded without an autograd
+            graph and their gradient is dropped. Values, and gradients w.r.t. z and
+            :math:`\sigma^2`, stay exact. The share back-propagated is in
+            :attr:`last_truncation`; see the documentation's "Truncated backward" for the
+            error it introduces (about ``tau`` relative, measured) and what it saves.
     Example:
         >>> enc = nn.Linear(5, 4)
         >>> encoder = lambda x: enc(x).chunk(2, -1)
@@ -273,6 +282,7 @@ class ExemplarPrior(BasePrior):
         shard: bool = False,
         process_group: Any = None,
         sync: bool = True,
+        truncate_backward: float | None = None,
     ) -> None:
         super().__init__(latent_dim)
         exemplars = ExemplarSet(data, transform, device=storage_device, num_workers=num_workers)
@@ -285,6 +295,14 @@ class ExemplarPrior(BasePrior):
         if location is not None and not callable(location):
             raise VAEPriorsError(f"`location` must be callable or None, got {type(location).__name__}")
         self.location = location
+        self.truncate_backward = self._check_tolerance(truncate_backward)
+        if self.truncate_backward is not None and self.k is not None:
+            raise VAEPriorsError(
+                "`truncate_backward` applies to leave-one-out and subsampling; with RAT (`k`) the k retrieved "
+                "exemplars are the responsible ones already (their weights within the retrieved set are large), "
+                "so there is nothing to truncate"
+            )
+        self.last_truncation: tuple[int, int] | None = None
         self.log_var = nn.Parameter(torch.tensor(init_log_var))
         self.rat = RetrievalCache(self.k, self.refresh_every) if self.k is not None else None
         if isinstance(generator, int) and not isinstance(generator, bool):
@@ -315,6 +333,7 @@ class ExemplarPrior(BasePrior):
             exemplars = exemplars.subset(start, stop)
             self._offset = start
         self._set = exemplars
+        self._past = None  # the truncated backward's past means belong to the old set
 
     # -- the exemplar set --------------------------------------------------------------
     @property
@@ -365,6 +384,15 @@ class ExemplarPrior(BasePrior):
 
     def _shard_comm(self) -> dist.Comm | None:
         return self._comm() if self.shard else None
+
+    @staticmethod
+    def _check_tolerance(tol: object) -> float | None:
+        if tol is None:
+            return None
+        tol = _checks.number(tol, "truncate_backward")
+        if not 0 <= tol < 1:
+            raise VAEPriorsError(f"`truncate_backward` must be None (exact) or a tolerance in [0, 1), got {tol!r}")
+        return tol
 
     def _check_sizes(self, n: int) -> None:
         m, k = self.n_subsample, self.k
@@ -712,7 +740,10 @@ class ExemplarPrior(BasePrior):
         held, exclude = self._local(ids, excluded)
         if self.rat is not None:
             return self._rat_log_prob(z, ids, held, exclude, comm) - kept.log()
-        means = self.exemplar_means(held)
+        if self.truncate_backward is not None and torch.is_grad_enabled():
+            means = self._truncated_means(z, held, exclude, comm)
+        else:
+            means = self.exemplar_means(held)
         if means.shape[0] == 0:  # a shard holding no component of the subset
             part = LogSumExp(torch.full_like(z[:, 0], -math.inf).detach(), torch.zeros_like(z[:, 0]))
         else:
@@ -720,6 +751,105 @@ class ExemplarPrior(BasePrior):
                 z, means, self.log_var, exclude=exclude, backend=self.backend, memory_budget=self.memory_budget
             )
         return self._combine(part, comm) - kept.log()
+
+    # -- truncated backward ------------------------------------------------------------
+    def _truncated_means(self, z: Tensor, held: Tensor | None, exclude: Tensor, comm: dist.Comm | None) -> Tensor:
+        r"""The means of exemplars ``held`` (local positions; all when ``None``) as values,
+        with gradients through (at least) those whose responsibility for the queries ``z``
+        exceeds ``truncate_backward``; every mean is encoded once.
+
+        Which exemplars matter is predicted from their means at their last encoding (kept
+        for this purpose, ``[n_local, d]``; an exemplar never encoded is taken to matter), at
+        a quarter of the tolerance: those are encoded with gradients, the others without.
+        The responsibilities are then recomputed from the fresh means, and any exemplar
+        found above the tolerance that was encoded without gradients (a wrong prediction)
+        is encoded again with them. So the gradient drops only exemplars whose
+        responsibility is at most the tolerance, whatever the prediction."""
+        tol = self.truncate_backward
+        rows = torch.arange(self.n_local, device=self.log_var.device) if held is None else held
+        n, d = rows.numel(), self._latent_dim
+        past, known = self._past_means()
+        z = z.detach()
+        with torch.no_grad():
+            guess = self._responsibilities(z, past[rows].to(z.dtype), exclude, comm, known[rows])
+            wanted = guess > tol / 4
+        live_at = torch.nonzero(wanted).view(-1)
+        dead_at = torch.nonzero(~wanted).view(-1)
+        live = self.exemplar_means(rows[live_at]) if live_at.numel() else None
+        with torch.no_grad():
+            dead = self.exemplar_means(rows[dead_at])
+            means = dead.new_empty(n, d)
+            means[dead_at] = dead
+            if live is not None:
+                means[live_at] = live.detach()
+            past[rows] = means.to(past.dtype)
+            known[rows] = True
+            missed = dead_at[self._responsibilities(z, means, exclude, comm)[dead_at] > tol]
+        if live is not None:
+            means = means.index_put((live_at,), live)
+        if missed.numel():  # predicted below the tolerance, found above: add their gradients
+            again = self.exemplar_means(rows[missed])
+            means = means.index_put((missed,), means.detach()[missed] + (again - again.detach()))
+        self.last_truncation = (int(live_at.numel() + missed.numel()), n)
+        return means
+
+    def _past_means(self) -> tuple[Tensor, Tensor]:
+        """The means of this process's exemplars at their last encoding by the truncated
+        backward, and which of them have been encoded (reset when the set, dtype or device
+        changes)."""
+        p, n = self.log_var, self.n_local
+        past = self._past
+        if past is None or past[0].shape != (n, self._latent_dim) or past[0].device != p.device or past[0].dtype != p.dtype:
+            past = (p.new_zeros(n, self._latent_dim), torch.zeros(n, dtype=torch.bool, device=p.device))
+            self._past = past
+        return past
+
+    def _responsibilities(
+        self, z: Tensor, means: Tensor, exclude: Tensor, comm: dist.Comm | None, known: Tensor | None = None
+    ) -> Tensor:
+        r"""``[n]``: for each exemplar n of ``means``, the largest over the queries ``z`` of
+        its posterior weight :math:`w_{in}`, normalised over every exemplar of the call (all
+        ranks' when sharded: the partial log-sum-exps are combined first). Row ``i`` leaves
+        out its ``exclude[i]`` (a local position, or -1). Exemplars not ``known`` count as
+        responsible (``inf``) and are left out of the normaliser. Computed in blocks of the
+        memory budget; no gradient."""
+        b, n = z.shape[0], means.shape[0]
+        inv = float(torch.exp(-self.log_var.detach()))
+        budget = get_memory_budget() if self.memory_budget is None else self.memory_budget
+        step = max(1, budget // (3 * z.element_size() * max(b, 1)))  # columns per block
+        zz = z.square().sum(-1, keepdim=True)
+        mm = means.square().sum(-1)
+
+        def exponents(s0: int) -> Tensor:  # -|z_i - mu_n|^2 / (2 sigma^2), own exemplar -inf
+            width = min(step, n - s0)
+            e = torch.addmm(mm[s0 : s0 + width], z, means[s0 : s0 + width].T, alpha=-2).add_(zz).mul_(-0.5 * inv)
+            col = exclude - s0
+            hit = (col >= 0) & (col < width)
+            col = col.clamp(0, width - 1)[:, None]
+            e = e.scatter_(1, col, torch.where(hit[:, None], -math.inf, e.gather(1, col)))
+            return e if known is None else e.masked_fill_(~known[s0 : s0 + width], -math.inf)
+
+        starts = range(0, n, step)
+        kept = [exponents(0)] if n and step >= n else None  # one block: computed once
+        top = torch.full((b,), -math.inf, dtype=z.dtype, device=z.device)
+        total = torch.zeros_like(top)
+        for s0 in starts:
+            e = kept[0] if kept else exponents(s0)
+            m = torch.maximum(top, e.amax(1))
+            shift = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+            # Terms below e^-87 of the largest are clamped there: they change the sum (>= 1) by
+            # less than n * 1e-38, and torch's vectorised exp is ~10x slower below -88.
+            total = total * torch.exp(top - shift) + torch.exp((e - shift[:, None]).clamp_(min=-87.0)).sum(1)
+            top = m
+        log_norm = self._combine(LogSumExp(top, total), comm)[:, None]  # over every rank's exemplars
+        resp = means.new_zeros(n)
+        if b:
+            for s0 in starts:  # max_i w_in = exp(max_i (e_in - log_norm_i)): one exp per exemplar
+                e = kept[0] if kept else exponents(s0)
+                resp[s0 : s0 + e.shape[1]] = torch.exp((e - log_norm).amax(0))
+        if known is not None:
+            resp = resp.masked_fill_(~known, math.inf)
+        return resp
 
     def _rat_log_prob(
         self, z: Tensor, ids: Tensor | None, held: Tensor | None, exclude: Tensor, comm: dist.Comm | None
