@@ -2,7 +2,8 @@ r"""What the benchmark scripts share: device timing helpers, the machine descrip
 into every JSON, and the model (the papers' gated MLP VAE, from the library).
 
 Importing this module puts this checkout's root first on ``sys.path``, so that the scripts
-time this checkout's ``vaepriors`` and not an installed copy.
+time this checkout's ``vaepriors`` and not an installed copy; it does not import ``vaepriors``
+itself, so a script may still put another checkout first (``--root``) before it does.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ if str(ROOT) not in sys.path[:1]:
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from vaepriors.models import make_mlp_vae  # noqa: E402
 
 __all__ = ["MODEL", "ROOT", "device_name", "machine", "model", "sync"]
 
@@ -77,6 +77,8 @@ def model(latent_dim: int = 40, hidden: tuple[int, ...] = (300, 300), input_shap
           device: torch.device | str = "cpu", seed: int | None = None) -> tuple[nn.Module, nn.Module]:  # fmt: skip
     r"""The papers' VAE, ``(encoder, decoder)`` from :func:`vaepriors.models.make_mlp_vae`
     (gated MLP, Bernoulli decoder) on flat inputs, on ``device``; ``seed`` fixes its weights."""
+    from vaepriors.models import make_mlp_vae  # imported here: a script may first choose which checkout
+
     if seed is not None:
         torch.manual_seed(seed)
     enc, dec = make_mlp_vae(input_shape, latent_dim=latent_dim, hidden=hidden)

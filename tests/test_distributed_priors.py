@@ -110,6 +110,54 @@ def test_exemplar_prior_equals_one_process(world):
             assert err < 1e-12, (rank, case, err)
 
 
+TRUNCATED = {
+    "loo": dict(truncate_backward=0.3),
+    "subsample": dict(n_subsample=11, generator=3, truncate_backward=0.6),
+}
+
+
+def _truncation_agreement(rank: int, world: int) -> dict:
+    """The truncated backward: sharded, it keeps the exemplars that matter to the gathered
+    queries of every rank (the combined normaliser), as one process over the global batch
+    does; replicated, each rank truncates for its own rows, as one process over those rows."""
+    enc, x, z, index = _setup(world)
+    comm = vdist.comm()
+    rows = slice(rank * B, (rank + 1) * B)
+    errors, dropped = {}, {}
+    for mode, kwargs in TRUNCATED.items():
+        for shard in (True, False):
+            ref_enc = copy.deepcopy(enc)
+            ref = vp.ExemplarPrior(x, init_log_var=-0.4, sync=False, **kwargs).double().bind(ref_enc)
+            mine = vp.ExemplarPrior(x, init_log_var=-0.4, shard=shard, **kwargs).double().bind(enc)
+            name = f"{mode}-{'shard' if shard else 'replicated'}"
+            for _ in range(3):  # the first call keeps every exemplar; then the prediction works
+                if shard:
+                    v_ref, gz_ref, gp_ref = _run(ref, ref_enc, z, index, True)
+                    v_ref, gz_ref = v_ref[rows], gz_ref[rows] * world  # rank loss = mean of B rows
+                else:
+                    v_ref, gz_ref, gp_ref = _run(ref, ref_enc, z[rows], index[rows], True)
+                v, gz, gp = _run(mine, enc, z[rows], index[rows], True)
+                if shard:
+                    gp = _average(gp, comm)
+                err = max(
+                    float((v - v_ref).abs().max()),
+                    float((gz - gz_ref).abs().max()),
+                    max(float((a - b).abs().max()) for a, b in zip(gp, gp_ref)),
+                )
+                errors[name] = max(err, errors.get(name, 0.0))
+                kept, total = ref.last_truncation
+                dropped[name] = dropped.get(name, 0) + (total - kept) * (kept > 0)  # some kept, some not
+    return dict(errors=errors, dropped=dropped)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_truncated_backward_equals_one_process(world):
+    for rank, r in enumerate(run_ranks(_truncation_agreement, world, timeout=240)):
+        for case, err in r["errors"].items():
+            assert err < 1e-12, (rank, case, err)
+        assert all(v > 0 for v in r["dropped"].values()), (rank, r["dropped"])  # it did truncate
+
+
 class _Step(nn.Module):
     """A training step's loss through the prior, deterministic (z = the encoder mean)."""
 

@@ -259,3 +259,88 @@ def test_training_reduces_the_loss():
         m(data).loss.backward()
         opt.step()
     assert m(data).loss.item() < first - 1.0
+
+
+def _spoiled(vae, where, value):
+    """An encoder whose mean or log_var holds ``value`` in one entry, for binary inputs (the
+    batch; not the grey-level exemplars of an exemplar prior)."""
+
+    def encoder(x):
+        m, lv = vae.encode_pair(x)
+        if not bool(((x == 0) | (x == 1)).all()):
+            return m, lv
+        t = m if where == "mean" else lv
+        t = t.clone()
+        t[1, 0] = value
+        return (t, lv) if where == "mean" else (m, t)
+
+    return encoder
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("where", ["mean", "log_var"])
+@pytest.mark.parametrize("prior", ["gaussian", "mog", "exemplar-rat"])
+def test_non_finite_encoder_output_is_named_whatever_the_prior(where, value, prior):
+    """The ELBO checks its scalar loss; a non-finite encoder output makes it (or the prior's
+    own checks) fail, and the error names the encoder output at fault."""
+    vae = TinyVAE()
+    x = torch.bernoulli(torch.rand(4, 6))
+    priors = {
+        "gaussian": lambda: vp.GaussianPrior(D_Z),
+        "mog": lambda: vp.MixturePrior(D_Z, 3),
+        "exemplar-rat": lambda: vp.ExemplarPrior(torch.rand(9, 6), k=2),
+    }
+    m = vp.ExemplarELBO(_spoiled(vae, where, value), vae.decode_dist, priors[prior]())
+    if prior == "exemplar-rat":
+        m.prior.refresh_cache()
+    with pytest.raises(vp.VAEPriorsError, match=f"encoder {where}"):
+        m(x, torch.arange(4))
+    if prior == "exemplar-rat":  # nothing non-finite reached the cache
+        assert bool(torch.isfinite(m.prior.rat_cache).all())
+
+
+def test_nan_log_likelihood_is_named_and_infinite_losses_pass():
+    vae = TinyVAE()
+    x = torch.bernoulli(torch.rand(3, 6))
+    nan_dec = lambda z: Normal(vae.dec(z) * math.nan, 1.0, validate_args=False)  # noqa: E731
+    with pytest.raises(vp.VAEPriorsError, match="NaN"):
+        vp.ExemplarELBO(vae.encode_pair, nan_dec, vp.GaussianPrior(D_Z))(x)
+    # log p(x|z) = -inf is a legitimate value (x outside the decoder's support): no error
+    hard = lambda z: (lambda x: z.sum(-1) * 0 - math.inf)  # noqa: E731
+    out = vp.ExemplarELBO(vae.encode_pair, hard, vp.GaussianPrior(D_Z))(torch.ones(3, 6))
+    assert out.loss.item() == math.inf
+    vp.set_validation(False)
+    try:  # checks off: nothing raised, the NaN comes back
+        lenient = lambda z: Bernoulli(logits=vae.dec(z), validate_args=False)  # noqa: E731
+        out = vp.ExemplarELBO(_spoiled(vae, "mean", math.nan), lenient, vp.GaussianPrior(D_Z))(x)
+        assert math.isnan(out.loss.item())
+    finally:
+        vp.set_validation(True)
+
+
+def test_a_prior_that_keeps_what_it_observes_gets_checked_posteriors():
+    vae = TinyVAE()
+    prior = RecordingPrior()
+    m = vp.ExemplarELBO(_spoiled(vae, "mean", math.nan), vae.decode_dist, prior)
+    with pytest.raises(vp.VAEPriorsError, match="encoder mean"):
+        m(torch.bernoulli(torch.rand(3, 6)), torch.arange(3))
+    assert prior.seen == []  # raised before observe
+
+
+def test_finite_check_survives_an_overflowing_sum():
+    big = torch.full((4,), 3e38)  # finite, but its float32 sum is inf
+    assert vp._checks.all_finite(big)
+    vp._checks.finite(big, "big")
+    with pytest.raises(vp.VAEPriorsError, match="big"):
+        vp._checks.finite(torch.tensor([1.0, math.nan]), "big")
+
+
+def test_index_check_is_redone_after_an_in_place_edit():
+    idx = torch.tensor([0, 1, 2])
+    vp._checks.index(idx, idx.shape, 3)
+    vp._checks.index(idx, idx.shape, 3)  # remembered
+    idx[0] = 7
+    with pytest.raises(vp.VAEPriorsError, match="index"):
+        vp._checks.index(idx, idx.shape, 3)
+    with pytest.raises(vp.VAEPriorsError, match="index"):
+        vp._checks.index(torch.tensor([0, 1, 2]), torch.Size([3]), 2)

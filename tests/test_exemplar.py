@@ -757,3 +757,146 @@ def test_extreme_variances(log_var, kw):
     prior.eval()
     full = rows_ref(z, mu, log_var, [range(8)] * 3, [8] * 3)
     torch.testing.assert_close(prior.log_prob(z).double(), full, rtol=1e-5, atol=1e-4)
+
+
+# -- the retrieval's kNN, the cache's norms and its refresh schedule ---------------------------
+
+
+@pytest.mark.parametrize("n,b,k", [(200, 17, 5), (40, 6, 39), (1000, 30, 10)])
+def test_exact_knn_equals_the_engine(n, b, k, dtype):
+    from vaepriors.rat import exact_knn
+
+    g = torch.Generator().manual_seed(n)
+    points = torch.randn(n, 4, generator=g, dtype=dtype) * 3
+    queries = points[:b] + 0.01 * torch.randn(b, 4, generator=g, dtype=dtype)
+    exclude = torch.arange(b)
+    exclude[::3] = -1
+    d2_ref, idx_ref = vp.knn(queries, points, k, exclude=exclude)
+    for budget in (None, 3 * b * 2 * k * points.element_size()):  # one block, and blocks of ~2k points
+        d2, idx = exact_knn(queries, points, k, exclude, memory_budget=budget)
+        assert torch.equal(idx, idx_ref)
+        torch.testing.assert_close(d2, d2_ref, rtol=0, atol=0)
+        assert not (idx == exclude[:, None]).any()
+
+
+def test_cache_norms_follow_writes_and_edits():
+    prior, enc, x = make(n=12, k=2)
+    prior.log_prob(torch.zeros(2, 3), index=torch.tensor([0, 1]))
+    rat = prior.rat
+    torch.testing.assert_close(rat.norms(), rat.means.square().sum(-1))
+    rat.write(torch.tensor([3, 5, 3]), torch.arange(9.0).reshape(3, 3))  # a repeat: the last write wins
+    assert torch.equal(rat.means[3], torch.tensor([6.0, 7.0, 8.0]))
+    torch.testing.assert_close(rat.norms(), rat.means.square().sum(-1))
+    with torch.no_grad():
+        prior.rat_cache[7] = 2.0  # an edit by hand
+    torch.testing.assert_close(rat.norms(), rat.means.square().sum(-1))
+    prior.double()
+    torch.testing.assert_close(rat.norms(), rat.means.square().sum(-1))
+
+
+def test_first_epoch_encodes_the_exemplars_once():
+    prior, enc, x = make(n=10, k=2, chunk_size=100)  # one encoder call per full pass
+    z, idx = torch.zeros(2, 3), torch.tensor([0, 1])
+    prior.log_prob(z, index=idx)  # builds the cache: this epoch's refresh
+    calls = enc.calls
+    prior.on_epoch_end(0)
+    assert enc.calls == calls  # no second pass in the first epoch
+    prior.log_prob(z, index=idx)
+    calls = enc.calls
+    prior.on_epoch_end(1)
+    assert enc.calls == calls + 1  # refreshed at the end of the second epoch
+    torch.testing.assert_close(prior.rat_cache, means64(enc, x).float(), rtol=1e-5, atol=1e-6)
+    prior.refresh_cache()  # by hand, mid-epoch: it is this epoch's refresh
+    calls = enc.calls
+    prior.on_epoch_end(2)
+    assert enc.calls == calls
+    state = prior.state_dict()
+    assert state["_extra_state"]["cache_filled_this_epoch"] is False
+
+
+# -- truncated backward ------------------------------------------------------------------------
+
+
+def _grads(prior, enc, z, idx):
+    enc.zero_grad(set_to_none=True)
+    prior.log_var.grad = None
+    z = z.clone().requires_grad_(True)
+    value = prior.log_prob(z, index=idx)
+    value.sum().backward()
+    g = torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel()) for p in enc.parameters()])
+    return value.detach(), z.grad, prior.log_var.grad.clone(), g
+
+
+@pytest.mark.parametrize("mode", [dict(), dict(n_subsample=60)], ids=["loo", "subsample"])
+def test_truncated_backward_is_exact_in_value_and_close_in_gradient(mode):
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(80, D_IN, generator=g)
+    torch.manual_seed(0)
+    enc = Enc(3, scale=6.0)  # spread means: concentrated responsibilities
+    z = enc(x[:12])[0].detach() + 0.3 * torch.randn(12, 3)
+    idx = torch.arange(12)
+    errors = []
+    for tol in (0.0, 1e-6, 1e-3, 1e-1, 0.9):
+        exact = ExemplarPrior(x, generator=1, **mode).bind(enc)  # the same subsets, call by call
+        prior = ExemplarPrior(x, generator=1, truncate_backward=tol, **mode).bind(enc)
+        for call in range(3):  # the first call predicts nothing (every exemplar kept), then it predicts
+            v0, gz0, gv0, ge0 = _grads(exact, enc, z, idx)
+            v, gz, gv, ge = _grads(prior, enc, z, idx)
+            torch.testing.assert_close(v, v0, rtol=1e-6, atol=1e-6)  # the value is the exact one
+            torch.testing.assert_close(gz, gz0, rtol=1e-5, atol=1e-6)  # z and sigma^2: exact gradients
+            torch.testing.assert_close(gv, gv0, rtol=1e-5, atol=1e-6)
+            kept, total = prior.last_truncation
+            if call == 0:
+                assert kept == total
+        errors.append(float((ge - ge0).norm() / ge0.norm()))
+        if tol == 0.0:
+            assert kept == total and errors[-1] < 1e-6
+    assert errors == sorted(errors) and errors[-1] > 1e-3  # more truncation, larger error
+    assert prior.last_truncation[0] < prior.last_truncation[1]
+
+
+def test_truncated_backward_corrects_a_wrong_prediction():
+    """An exemplar predicted unimportant (from its stale mean) but found responsible gets its
+    gradient all the same: the error stays that of the tolerance."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(80, D_IN, generator=g)
+    torch.manual_seed(0)
+    enc = Enc(3, scale=6.0)
+    z = enc(x[:12])[0].detach() + 0.3 * torch.randn(12, 3)
+    idx = torch.arange(12)
+    exact = ExemplarPrior(x).bind(enc)
+    prior = ExemplarPrior(x, truncate_backward=0.05).bind(enc)
+    _grads(prior, enc, z, idx)
+    prior._past[0].copy_(prior._past[0].roll(1, 0))  # each exemplar's stale mean is its neighbour's
+    v0, _, _, g0 = _grads(exact, enc, z, idx)
+    calls = enc.calls
+    v, _, _, g = _grads(prior, enc, z, idx)
+    assert enc.calls == calls + 3  # with gradients, without, and again with for the missed ones
+    reference = ExemplarPrior(x, truncate_backward=0.05).bind(enc)
+    _grads(reference, enc, z, idx)  # first call: all kept; second: a true prediction
+    _, _, _, g_ref = _grads(reference, enc, z, idx)
+    torch.testing.assert_close(v, v0, rtol=1e-6, atol=1e-6)
+    assert float((g - g0).norm() / g0.norm()) <= 2 * float((g_ref - g0).norm() / g0.norm()) + 1e-6
+
+
+def test_truncated_backward_is_refused_with_rat():
+    with pytest.raises(VAEPriorsError, match="truncate_backward"):
+        ExemplarPrior(torch.rand(9, D_IN), k=2, truncate_backward=1e-6)
+
+
+def test_truncated_backward_only_in_training_with_gradients():
+    prior, enc, x = make(n=12, truncate_backward=1e-3)
+    z, idx = torch.randn(4, 3), torch.arange(4)
+    with torch.no_grad():
+        prior.log_prob(z, index=idx)
+    assert prior.last_truncation is None
+    prior.eval().log_prob(z)
+    assert prior.last_truncation is None
+    prior.train().log_prob(z, index=idx)
+    assert prior.last_truncation is not None
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, math.nan, "1e-6", torch.ones(2)])
+def test_truncated_backward_rejects_bad_tolerances(bad):
+    with pytest.raises(VAEPriorsError, match="truncate_backward"):
+        ExemplarPrior(torch.rand(5, D_IN), truncate_backward=bad)

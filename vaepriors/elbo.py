@@ -12,7 +12,7 @@ from torch.distributions import Distribution
 from . import _checks
 from .encoder import Encoder, Posterior, read_posterior
 from .errors import VAEPriorsError, user_call
-from .prior import Prior
+from .prior import BasePrior, Prior
 
 __all__ = ["ELBOOutput", "ExemplarELBO"]
 
@@ -40,6 +40,11 @@ class ELBOOutput(NamedTuple):
 def _owner(f: Callable) -> nn.Module | None:
     owner = getattr(f, "__self__", None)
     return owner if isinstance(owner, nn.Module) else None
+
+
+def _observe_validates(prior: Prior) -> bool:
+    """Whether ``prior.observe`` checks the posteriors it is given itself, or ignores them."""
+    return type(prior).observe is BasePrior.observe or bool(getattr(prior, "_observe_validates", False))
 
 
 class ExemplarELBO(nn.Module):
@@ -136,9 +141,14 @@ class ExemplarELBO(nn.Module):
 
     def log_likelihood(self, x: Tensor, z: Tensor) -> Tensor:
         r"""log p(x|z) for latents ``z [S, B, d]`` and data ``x [B, ...]``; returns ``[S, B]``."""
+        s, b, _ = z.shape
+        return self._log_likelihood(x, z).reshape(s, b)
+
+    def _log_likelihood(self, x: Tensor, z: Tensor) -> Tensor:
+        """:meth:`log_likelihood` flat, ``[S * B]`` (no copy of ``x`` for one sample)."""
         s, b, d = z.shape
         out = user_call(self.decoder, z.reshape(s * b, d), "decoder", "ExemplarELBO.log_likelihood", "z")
-        target = x.unsqueeze(0).expand(s, *x.shape).reshape(s * b, *x.shape[1:])
+        target = x if s == 1 else x.unsqueeze(0).expand(s, *x.shape).reshape(s * b, *x.shape[1:])
         if isinstance(out, Distribution):
             shape = tuple(out.batch_shape + out.event_shape)
             if shape != tuple(target.shape):
@@ -147,7 +157,9 @@ class ExemplarELBO(nn.Module):
                     f"{tuple(target.shape)}"
                 )
             who = f"decoder's {type(out).__name__}.log_prob"
-            lp = user_call(out.log_prob, target, who, "ExemplarELBO.log_likelihood").reshape(s * b, -1).sum(-1)
+            lp = user_call(out.log_prob, target, who, "ExemplarELBO.log_likelihood")
+            if lp.dim() != 1:  # a distribution with batch dimensions beyond the first
+                lp = lp.reshape(s * b, -1).sum(-1)
         elif callable(out) and not isinstance(out, Tensor):
             lp = out(target)
             if not isinstance(lp, Tensor) or lp.shape != (s * b,):
@@ -158,7 +170,7 @@ class ExemplarELBO(nn.Module):
                 "`decoder` must return a torch Distribution over x or a callable x -> log p(x|z); "
                 f"got {type(out).__name__}"
             )
-        return lp.reshape(s, b)
+        return lp
 
     def forward(
         self,
@@ -194,36 +206,61 @@ class ExemplarELBO(nn.Module):
             if index.shape != (x.shape[0],):
                 raise VAEPriorsError(f"`index` must have shape [B] = [{x.shape[0]}], got {tuple(index.shape)}")
         q = self.encode(x)
-        if q.is_gaussian:
-            _checks.finite(q.mean, "encoder mean")
-            _checks.finite(q.log_var, "encoder log_var")
-        if index is not None and self.training:
-            self.prior.observe(q, index)
-
+        s, b = self.n_samples, x.shape[0]
         if noise is not None:
             if not q.is_gaussian:
                 raise VAEPriorsError("`noise` applies to Gaussian posteriors; this encoder returns another family")
             noise = _checks.floating(noise, "noise")
-            if noise.shape != (self.n_samples, *q.mean.shape):
-                raise VAEPriorsError(
-                    f"`noise` must have shape [n_samples, B, d] = {(self.n_samples, *q.mean.shape)}, got {tuple(noise.shape)}"
-                )
-        z, log_q = q.rsample(self.n_samples, noise=noise)
-        if not q.is_gaussian:
+            if noise.shape != (s, *q.mean.shape):
+                raise VAEPriorsError(f"`noise` must have shape [n_samples, B, d] = {(s, *q.mean.shape)}, got {tuple(noise.shape)}")
+        z = rec = None
+        try:
+            if index is not None and self.training:
+                if not _observe_validates(self.prior):  # it may keep what it is told: check first
+                    self._diagnose(q, None, None)
+                self.prior.observe(q, index)
+            if q.is_gaussian:
+                z, eps = q.sample_noise(s, noise)
+            else:
+                z, log_q = q.rsample(s)
+                _checks.finite(z, "encoder sample")
+            rec = self._log_likelihood(x, z)
+            rec = rec if s == 1 else rec.reshape(s, b).mean(0)
+            kl = self.prior.analytic_kl(q.mean, q.log_var) if self.analytic_kl and q.is_gaussian else None
+            if kl is None:
+                if q.is_gaussian:
+                    log_q = q.log_prob_noise(eps)
+                kl = log_q - self.prior.log_prob(z, index=index)
+                kl = kl.reshape(b) if s == 1 else kl.mean(0)
+        except VAEPriorsError:
+            # A non-finite encoder output makes the decoder or the prior fail: name the cause.
+            self._diagnose(q, z, rec)
+            raise
+        elbo = rec - kl
+        loss = -elbo.mean() if beta == 1 else -(rec - beta * kl).mean()
+        # One check of the scalar loss stands for the checks of its inputs: a NaN or an
+        # infinity in the encoder's output, or a NaN log-likelihood, makes it non-finite;
+        # only then are the inputs looked at, to name the one at fault.
+        if _checks.validation_enabled() and not math.isfinite(loss.item()):
+            self._diagnose(q, z, rec)
+        return ELBOOutput(loss, elbo, rec, kl, z)
+
+    @staticmethod
+    def _diagnose(q: Posterior, z: Tensor | None, rec: Tensor | None) -> None:
+        """Raises the error that names a non-finite encoder output or a NaN log-likelihood, if
+        there is one (a loss may be infinite for other reasons, e.g. log p(z) = -inf)."""
+        if not _checks.validation_enabled():
+            return
+        if q.is_gaussian:
+            _checks.finite(q.mean, "encoder mean")
+            _checks.finite(q.log_var, "encoder log_var")
+        elif z is not None:
             _checks.finite(z, "encoder sample")
-        rec = self.log_likelihood(x, z).mean(0)
-        if _checks.validation_enabled() and bool(torch.isnan(rec).any()):
+        if rec is not None and bool(torch.isnan(rec.detach()).any()):
             raise VAEPriorsError(
                 "the decoder's log-likelihood log p(x|z) is NaN for some data points (check the decoder's "
                 "output and the data it scores)"
             )
-
-        kl = self.prior.analytic_kl(q.mean, q.log_var) if self.analytic_kl and q.is_gaussian else None
-        if kl is None:
-            kl = (log_q - self.prior.log_prob(z, index=index)).mean(0)
-        elbo = rec - kl
-        loss = -(rec - beta * kl).mean()
-        return ELBOOutput(loss, elbo, rec, kl, z)
 
     def on_epoch_end(self, epoch: int) -> None:
         """Forwards the per-epoch hook to the prior (``epoch`` counted from 0)."""

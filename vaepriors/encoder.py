@@ -114,13 +114,26 @@ class Posterior:
         r"""``n`` reparameterised samples and their log-densities: ``([n, *batch, d], [n, *batch])``;
         a Gaussian may be given its standard-normal ``noise`` ``[n, *batch, d]``."""
         if self.is_gaussian:
-            mean, log_var = self.mean, self.log_var
-            eps = torch.randn(n, *mean.shape, dtype=mean.dtype, device=mean.device) if noise is None else noise.to(mean)
-            z = mean + torch.exp(0.5 * log_var) * eps
-            # log q from the noise directly: exact, and no second pass over z.
-            return z, -0.5 * (math.log(2 * math.pi) + log_var + eps.pow(2)).sum(-1)
+            z, eps = self.sample_noise(n, noise)
+            return z, self.log_prob_noise(eps)
         z = self._dist.rsample((n,))
         return z, self._dist.log_prob(z)
+
+    def sample_noise(self, n: int, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        r"""A Gaussian's ``n`` reparameterised samples and the standard-normal noise that made
+        them, ``([n, *batch, d], [n, *batch, d])``: :meth:`rsample` without the log-density,
+        which :meth:`log_prob_noise` gives later, only where it is needed (the ELBO with a
+        closed-form KL never needs it). ``noise``: the draws to use instead of fresh ones."""
+        if not self.is_gaussian:
+            raise VAEPriorsError(f"sample_noise needs a Gaussian posterior, this one is {self!r}; use rsample")
+        mean, log_var = self.mean, self.log_var
+        eps = torch.randn(n, *mean.shape, dtype=mean.dtype, device=mean.device) if noise is None else noise.to(mean)
+        return mean + torch.exp(0.5 * log_var) * eps, eps
+
+    def log_prob_noise(self, eps: Tensor) -> Tensor:
+        r"""log q(z|x) of a Gaussian's samples from their noise ``eps`` (:meth:`sample_noise`):
+        exact, and no second pass over z."""
+        return -0.5 * (math.log(2 * math.pi) + self.log_var + eps.pow(2)).sum(-1)
 
     def log_prob(self, z: Tensor) -> Tensor:
         r"""log q(z|x) for ``z`` ``[*sample, *batch, d]``, giving ``[*sample, *batch]``."""

@@ -10,9 +10,9 @@ from torch import Tensor
 
 from . import distributed as dist
 from ._state import StateModule
-from .engine import knn
+from .engine import get_memory_budget, knn
 
-__all__ = ["RetrievalCache", "last_writes", "sharded_knn"]
+__all__ = ["RetrievalCache", "exact_knn", "last_writes", "sharded_knn"]
 
 
 def last_writes(index: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
@@ -36,6 +36,9 @@ class RetrievalCache(StateModule):
     It is built at first use (:meth:`fill`), updated with every mean computed
     (:meth:`write`: the retrieved exemplars' and, through the prior's ``observe``, the
     training batch's) and refreshed whole every ``refresh_every`` epochs (:meth:`epoch_ended`).
+    A fill during an epoch (the build at first use, or a refresh by hand) counts as that
+    epoch's refresh: a refresh due at the end of the same epoch is skipped, so the first
+    epoch encodes the exemplars once, not twice.
     Under torch.distributed every rank applies the writes of all ranks in rank order
     (:meth:`merge`), so the caches of replicated priors stay identical and each shard of a
     sharded prior receives the writes that fall in its rows. The cache is prior state, not a
@@ -52,17 +55,22 @@ class RetrievalCache(StateModule):
         self.refresh_every = refresh_every
         self.register_state("means", torch.zeros(0, 0), resizable=True)
         self.epochs_since_refresh = 0
+        self.filled_this_epoch = False
         self.last_neighbours: Tensor | None = None
         self._pending: list[tuple[Tensor, Tensor]] = []
+        self._norms: tuple | None = None  # (key of the means it was computed from, |mu|^2 [n])
 
     def built(self, rows: int, d: int | None) -> bool:
         """Whether the cache holds ``rows`` means of size ``d``."""
         return tuple(self.means.shape) == (rows, d)
 
-    def fill(self, means: Tensor) -> None:
-        """Replaces the whole cache (a refresh); pending writes are superseded."""
+    def fill(self, means: Tensor, *, scheduled: bool = False) -> None:
+        """Replaces the whole cache (a refresh); pending writes are superseded. A fill that is
+        not the ``scheduled`` refresh of :meth:`epoch_ended` (the build at first use, or a
+        refresh by hand) counts as the refresh of the epoch under way."""
         self.means = means.detach().clone()
         self.epochs_since_refresh = 0
+        self.filled_this_epoch = not scheduled
         self._pending.clear()
 
     def clear(self) -> None:
@@ -70,20 +78,57 @@ class RetrievalCache(StateModule):
         self.means = self.means.new_zeros(0, 0)
         self._pending.clear()
 
+    def _key(self) -> tuple:
+        m = self.means
+        try:
+            version = m._version
+        except RuntimeError:  # an inference tensor: never edited in place
+            version = -1
+        return id(m), version, m.data_ptr(), tuple(m.shape), m.dtype
+
+    def norms(self) -> Tensor:
+        r"""The squared norms :math:`|\mu_n|^2` of the cached means, ``[n]``: kept in step
+        with :meth:`write`, recomputed after any other change to the cache (in-place edits,
+        ``.to()``, loading)."""
+        key = self._key()
+        if self._norms is None or self._norms[0] != key:
+            self._norms = (key, self.means.square().sum(-1))
+        return self._norms[1]
+
     @torch.no_grad()
-    def write(self, index: Tensor, values: Tensor, offset: int = 0, *, share: bool = False) -> None:
+    def write(
+        self,
+        index: Tensor,
+        values: Tensor,
+        offset: int = 0,
+        *,
+        share: bool = False,
+        unique: bool = False,
+        in_range: bool = False,
+    ) -> None:
         """Writes the means ``values`` ``[n, d]`` of exemplars ``index`` ``[n]`` (global
         indices; those outside this cache's rows ``offset:offset + len`` are skipped).
-        ``share``: also queue them for the next :meth:`merge` across ranks."""
+        ``share``: also queue them for the next :meth:`merge` across ranks. ``unique`` and
+        ``in_range``: the caller knows the indices distinct and all within this cache's rows
+        (no search for repeats, no filter, no host synchronisation)."""
         values = values.detach().to(self.means)
         index = index.to(self.means.device)
         if share:
             self._pending.append((index, values))
-        local = index - offset
-        keep = (local >= 0) & (local < self.means.shape[0])
-        if bool(keep.any()):
-            i, v = last_writes(local[keep], values[keep])
-            self.means[i] = v
+        local = index - offset if offset else index
+        if not in_range:
+            keep = (local >= 0) & (local < self.means.shape[0])
+            if not bool(keep.any()):
+                return
+            local, values = local[keep], values[keep]
+        if not unique:
+            local, values = last_writes(local, values)
+        fresh_norms = self._norms is not None and self._norms[0] == self._key()
+        self.means.index_copy_(0, local, values)
+        if fresh_norms:
+            norms = self._norms[1]
+            norms.index_copy_(0, local, values.square().sum(-1))
+            self._norms = (self._key(), norms)
 
     @torch.no_grad()
     def merge(self, comm: dist.Comm | None, offset: int, what: str) -> None:
@@ -104,34 +149,113 @@ class RetrievalCache(StateModule):
         self.write(all_index, all_values, offset)
 
     def epoch_ended(self) -> bool:
-        """Counts an epoch; whether a full refresh is due now."""
+        """Counts an epoch; whether a full refresh is due now. A refresh due at the end of
+        an epoch in which the cache was filled (:meth:`fill`) is skipped: that fill was it."""
         self.epochs_since_refresh += 1
-        return self.epochs_since_refresh >= self.refresh_every
+        due = self.epochs_since_refresh >= self.refresh_every
+        if due and self.filled_this_epoch:
+            self.epochs_since_refresh = 0
+            due = False
+        self.filled_this_epoch = False
+        return due
 
     def extra_repr(self) -> str:
         return f"k={self.k}, refresh_every={self.refresh_every}, shape={tuple(self.means.shape)}"
 
 
+def exact_knn(
+    queries: Tensor,
+    points: Tensor,
+    k: int,
+    exclude: Tensor | None = None,
+    *,
+    norms: Tensor | None = None,
+    memory_budget: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    r"""Exact k nearest neighbours (Euclidean) for retrieval: ``(sq_dist, index)``, ``[B, k]``
+    each, nearest first; no gradient, no input checks (the cache is the prior's own state).
+
+    The candidates come from one matrix product per block of points,
+    :math:`|\mu_n|^2 - 2 z \cdot \mu_n` (``norms`` are the :math:`|\mu_n|^2`; the per-query
+    :math:`|z|^2` does not change the order) and one top-``2k`` per block; the ``2k`` best
+    are then re-ranked by their distances computed exactly from the differences
+    :math:`z - \mu_n`. A true neighbour could be missed only if more than ``k`` other points
+    lay within the product's rounding error (~1e-7 of :math:`|\mu|^2`) of the k-th
+    distance: with ties that close, which of them is returned is arbitrary anyway. Blocks
+    keep the ``B x block`` scores within ``memory_budget`` bytes.
+
+    Arguments:
+        queries: ``[B, d]``.
+        points: ``[n, d]``.
+        k: neighbours per query (at most ``n``, ``n - 1`` with ``exclude``).
+        exclude: a point per query never returned (``-1``: none), ``[B]``.
+        norms: :math:`|\mu_n|^2`, ``[n]`` (computed when omitted).
+        memory_budget: bytes for the scores (default :func:`~vaepriors.engine.get_memory_budget`).
+
+    Example:
+        >>> d2, idx = exact_knn(torch.zeros(1, 2), torch.tensor([[3.0, 0], [1, 0], [2, 0]]), k=2)
+        >>> idx, d2
+        (tensor([[1, 2]]), tensor([[1., 4.]]))
+    """
+    with torch.no_grad():
+        queries, points = queries.detach(), points.detach()
+        b, n = queries.shape[0], points.shape[0]
+        c = min(n, 2 * k)
+        if norms is None:
+            norms = points.square().sum(-1)
+        budget = get_memory_budget() if memory_budget is None else memory_budget
+        step = max(c, budget // (2 * queries.element_size() * max(b, 1)))
+        best_s = best_i = None
+        for s0 in range(0, n, step):
+            width = min(step, n - s0)
+            s = torch.addmm(norms[s0 : s0 + width], queries, points[s0 : s0 + width].T, alpha=-2)
+            if exclude is not None:
+                col = exclude - s0
+                valid = (col >= 0) & (col < width)
+                col = col.clamp(0, width - 1)[:, None]
+                s.scatter_(1, col, torch.where(valid[:, None], math.inf, s.gather(1, col)))
+            v, i = s.topk(min(c, width), 1, largest=False, sorted=False)
+            if s0:
+                i += s0
+                v, i = torch.cat([best_s, v], 1), torch.cat([best_i, i], 1)
+                v, pos = v.topk(c, 1, largest=False, sorted=False)
+                i = i.gather(1, pos)
+            best_s, best_i = v, i
+        d2 = (queries[:, None, :] - points[best_i]).square().sum(-1)
+        if exclude is not None:
+            d2 = d2.masked_fill(best_i == exclude[:, None], math.inf)
+        d2, order = d2.sort(dim=1, stable=True)
+        return d2[:, :k], best_i.gather(1, order[:, :k])
+
+
 def sharded_knn(
     queries: Tensor,
     points: Tensor,
-    ids: Tensor,
+    ids: Tensor | None,
     k: int,
     exclude: Tensor,
     comm: dist.Comm | None,
     what: str,
+    *,
+    norms: Tensor | None = None,
     **engine: object,
 ) -> Tensor:
     r"""Exact k nearest neighbours of ``queries`` ``[B, d]`` among the points of all ranks.
 
-    Each rank searches its own ``points`` ``[n, d]`` (global ids ``ids`` ``[n]``; the
-    per-query ``exclude`` is a local position or ``-1``) for its best ``k``; the candidates of
-    all ranks are gathered and the best ``k`` of them kept. Every rank must pass the same
-    queries (gathered ones). Returns global ids ``[B, k]``, nearest first.
+    Each rank searches its own ``points`` ``[n, d]`` (global ids ``ids`` ``[n]``, or
+    ``None`` for ``0..n-1``; the per-query ``exclude`` is a local position or ``-1``) for its
+    best ``k``; the candidates of all ranks are gathered and the best ``k`` of them kept.
+    Every rank must pass the same queries (gathered ones). With the engine's
+    ``backend="auto"`` (the default) the search is :func:`exact_knn` (``norms``: the points'
+    squared norms, if known); another backend named in ``engine`` goes through
+    :func:`~vaepriors.engine.knn`. Returns global ids ``[B, k]``, nearest first.
     """
     b, n = queries.shape[0], points.shape[0]
     if n > k:
-        d2, idx = knn(queries, points, k, exclude, **engine)
+        if engine.get("backend", "auto") == "auto":
+            d2, idx = exact_knn(queries, points, k, exclude, norms=norms, memory_budget=engine.get("memory_budget"))
+        else:
+            d2, idx = knn(queries, points, k, exclude, **engine)
     else:
         # A shard with at most k candidates sends all of them (no search needed).
         d2 = (queries[:, None, :] - points[None, :, :]).pow(2).sum(-1)
@@ -141,7 +265,7 @@ def sharded_knn(
         pad = k - n
         d2 = torch.cat([d2, d2.new_full((b, pad), math.inf)], 1)
         idx = torch.cat([idx, idx.new_zeros(b, pad)], 1)
-    found = ids[idx] if n else torch.full_like(idx, -1)
+    found = (idx if ids is None else ids[idx]) if n else torch.full_like(idx, -1)
     found = torch.where(torch.isinf(d2), torch.full_like(found, -1), found)
     if comm is None:
         return found
