@@ -57,6 +57,15 @@ CONFIGS: dict[str, dict] = {
     "cs-m1000-noupdate": {"components": 1000, "update": False},
     "cs-m2000-noupdate": {"components": 2000, "update": False},
     "cs-weights-only": {"lr_inputs": 1e-12},
+    "exemplar-sub500": {"prior": "exemplar", "exemplar_subsample": 500},
+    "cs-m2000-sub500-noupdate": {"components": 2000, "subsample": 500, "update": False},
+    "cs-m5000-sub500-noupdate": {"components": 5000, "subsample": 500, "update": False},
+    "cs-loo-noupdate": {"loo": True, "update": False},
+    "cs-loo": {"loo": True},
+    "cs-m1000-loo-noupdate": {"components": 1000, "loo": True, "update": False},
+    "cs-m2000-loo-noupdate": {"components": 2000, "loo": True, "update": False},
+    "cs-m2000-sub500-loo-noupdate": {"components": 2000, "subsample": 500, "loo": True, "update": False},
+    "cs-noupdate-seed1": {"update": False, "seed": 1},
     "cs-em-every2": {"em": True, "every": 2},
     "cs-em-every5": {"em": True, "every": 5},
     "cs-m1000-em-every2": {"components": 1000, "em": True, "every": 2},
@@ -99,33 +108,42 @@ def em_weights(prior, elbo, data: torch.Tensor, n_draws: int = 4, batch: int = 5
     prior.weights.copy_((counts * prior.n_total / counts.sum()).to(prior.weights.dtype))
 
 
-def run(name: str, args: argparse.Namespace) -> None:
+def _make_prior(name: str, splits, encoder, decoder, args: argparse.Namespace):
+    """The configuration's prior: the library's ExemplarPrior (through the training builder)
+    or PseudocoresetPrior.from_data with the configuration's options."""
     from vaepriors.coreset import PseudocoresetPrior
+    from vaepriors.training import PRIORS, TrainConfig
+
+    spec = CONFIGS[name]
+    if spec.get("prior") == "exemplar":
+        cfg = TrainConfig(prior="exemplar", dataset="mnist", data_dir=args.data_dir, progress=False, seed=args.seed,
+                          exemplar_subsample=spec.get("exemplar_subsample", "half"))  # fmt: skip
+        return PRIORS["exemplar"](cfg, splits, encoder, decoder)
+    kw = {"input_range": spec["input_range"]} if "input_range" in spec else {}
+    return PseudocoresetPrior.from_data(
+        splits.train, spec.get("components", 500), generator=torch.Generator().manual_seed(args.seed),
+        lr_weights=spec.get("lr_weights", 1e-2), lr_inputs=spec.get("lr_inputs", 1e-3),
+        leave_one_out=spec.get("loo", False), n_subsample=spec.get("subsample"), **kw,
+    )  # fmt: skip
+
+
+def run(name: str, args: argparse.Namespace) -> None:
+    from vaepriors.data import load_dataset
     from vaepriors.elbo import ExemplarELBO
     from vaepriors.evaluation import log_likelihood
     from vaepriors.models import make_mlp_vae
-    from vaepriors.training import PRIORS, TrainConfig, evaluate, kl_weight
-    from vaepriors.data import load_dataset
+    from vaepriors.training import evaluate, kl_weight
 
     torch.set_num_threads(1)
     spec = dict(CONFIGS[name])
+    if "seed" in spec:  # a training seed of its own (same test points and evaluation noise)
+        args = argparse.Namespace(**{**vars(args), "seed": spec["seed"]})
     prior_name = spec.pop("prior", "coreset")
     torch.manual_seed(args.seed)
     splits = load_dataset("mnist", args.data_dir).subset(args.n_train, args.n_test)
     encoder, decoder = make_mlp_vae(splits.input_shape, 40, (300, 300))
     stats: dict = {}
-    if prior_name == "exemplar":
-        cfg = TrainConfig(prior="exemplar", dataset="mnist", data_dir=args.data_dir, progress=False, seed=args.seed)
-        prior = PRIORS["exemplar"](cfg, splits, encoder, decoder)
-    else:
-        m = spec.get("components", 500)
-        kw = {}
-        if "input_range" in spec:
-            kw["input_range"] = spec["input_range"]
-        prior = PseudocoresetPrior.from_data(
-            splits.train, m, generator=torch.Generator().manual_seed(args.seed),
-            lr_weights=spec.get("lr_weights", 1e-2), lr_inputs=spec.get("lr_inputs", 1e-3), **kw,
-        )  # fmt: skip
+    prior = _make_prior(name, splits, encoder, decoder, args)
     elbo = ExemplarELBO(encoder, decoder, prior)
     params = [p for p in elbo.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=1e-3)
@@ -178,6 +196,7 @@ def run(name: str, args: argparse.Namespace) -> None:
             })  # fmt: skip
         history.append({"epoch": epoch, "train_elbo": tot / seen, "seconds": t_train + t_up, "update_seconds": t_up})
         print(f"{name} epoch {epoch} train ELBO {tot / seen:.2f} {t_train:.1f}+{t_up:.1f} s", flush=True)
+    elbo.eval()
     test = evaluate(elbo, splits.test, 1000)
     ll = log_likelihood(elbo, splits.test, args.eval_samples, batch_size=500,
                         generator=torch.Generator().manual_seed(1234), progress=False)  # fmt: skip
@@ -198,6 +217,41 @@ def run(name: str, args: argparse.Namespace) -> None:
     print(f"{name}: test log p(x) {ll.mean:.3f} ± {ll.std_error:.3f}  {result['seconds_per_epoch']:.2f} s/epoch", flush=True)
 
 
+def timing(names: list[str], args: argparse.Namespace, steps: int = 10, rounds: int = 3) -> None:
+    """Seconds per training step (ELBO forward + backward + Adam), the configurations
+    interleaved in one process, ``rounds`` rounds of ``steps`` steps, median of rounds: a
+    fairer cost comparison on a shared machine than the runs' own epoch times."""
+    from vaepriors.data import load_dataset
+    from vaepriors.elbo import ExemplarELBO
+    from vaepriors.models import make_mlp_vae
+
+    torch.set_num_threads(1)
+    splits = load_dataset("mnist", args.data_dir).subset(args.n_train, args.n_test)
+    models = {}
+    for name in names:
+        torch.manual_seed(args.seed)
+        encoder, decoder = make_mlp_vae(splits.input_shape, 40, (300, 300))
+        elbo = ExemplarELBO(encoder, decoder, _make_prior(name, splits, encoder, decoder, args)).train()
+        models[name] = (elbo, torch.optim.Adam([p for p in elbo.parameters() if p.requires_grad], lr=1e-3))
+    loader = splits.train_loader(100, seed=args.seed)
+    batches = [b for _, b in zip(range(steps), loader)]
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for _ in range(rounds):
+        for name, (elbo, opt) in models.items():
+            t0 = time.perf_counter()
+            for x, _, index in batches:
+                loss = elbo(x, index).loss
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            times[name].append((time.perf_counter() - t0) / steps)
+    out = {n: sorted(t)[len(t) // 2] for n, t in times.items()}
+    Path(args.runs).mkdir(parents=True, exist_ok=True)
+    (Path(args.runs) / "timing.txt").write_text(json.dumps({"seconds_per_step": out, "all": times}, indent=1))
+    for n, t in out.items():
+        print(f"{n}: {t * 1000:.0f} ms / step ({t / out.get('exemplar', t):.2f} x exemplar)")
+
+
 def table(args: argparse.Namespace) -> None:
     runs = Path(args.runs)
     res = {p.stem: json.loads(p.read_text()) for p in sorted(runs.glob("*.json"))}
@@ -214,6 +268,10 @@ def table(args: argparse.Namespace) -> None:
         r["diff_vs_exemplar"] = float(d.mean())
         r["diff_vs_exemplar_se"] = float(d.std() / math.sqrt(len(d))) if n != "exemplar" else 0.0
         r["time_ratio"] = r["seconds_per_epoch"] / t_ref
+        if "cs-noupdate" in res and n.startswith("cs-") and n != "cs-noupdate":
+            d0 = v - torch.load(runs / "cs-noupdate.ll.pt")
+            r["diff_vs_noupdate"] = float(d0.mean())
+            r["diff_vs_noupdate_se"] = float(d0.std() / math.sqrt(len(d0)))
         rows.append(r)
     s = res["exemplar"]["setup"]
     lines = [
@@ -225,8 +283,8 @@ def table(args: argparse.Namespace) -> None:
         "(± standard error over test points). s / epoch: training pass plus coreset updates (averaged over epochs), one "
         f"torch thread. Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores shared with other "
         f"jobs (load average about 4-5, two runs at a time), torch {torch.__version__}.", "",
-        "| configuration | change from the default | test log p(x) | vs exemplar (paired) | test ELBO | s / epoch | x exemplar time | update diagnostics |",
-        "|---|---|---|---|---|---|---|---|",
+        "| configuration | change from the default | test log p(x) | vs exemplar (paired) | vs cs-noupdate (paired) | test ELBO | s / epoch | x exemplar time | update diagnostics |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for r in rows:
         spec = ", ".join(f"{k}={v}" for k, v in r["spec"].items()) or "(library default)"
@@ -239,7 +297,8 @@ def table(args: argparse.Namespace) -> None:
         if "ir_ess" in r["stats"]:
             diag += f"; IR ESS median {r['stats']['ir_ess']['median']:.2f} of 1000"
         pair = "" if r["name"] == "exemplar" else f"{r['diff_vs_exemplar']:+.2f} ± {r['diff_vs_exemplar_se']:.2f}"
-        lines.append(f"| {r['name']} | {spec} | {r['test_ll']:.2f} ± {r['test_ll_se']:.2f} | {pair} | {r['test_elbo']:.2f} | "
+        pair0 = f"{r['diff_vs_noupdate']:+.2f} ± {r['diff_vs_noupdate_se']:.2f}" if "diff_vs_noupdate" in r else ""
+        lines.append(f"| {r['name']} | {spec} | {r['test_ll']:.2f} ± {r['test_ll_se']:.2f} | {pair} | {pair0} | {r['test_elbo']:.2f} | "
                      f"{r['seconds_per_epoch']:.2f} | {r['time_ratio']:.2f} | {diag} |")  # fmt: skip
     lines += ["", f"Produced by `python benchmarks/ablate_coreset.py run NAME --data-dir $MNIST --runs {args.runs}` for each "
               f"row, then `python benchmarks/ablate_coreset.py table --runs {args.runs} --out {args.out}`."]  # fmt: skip
@@ -252,7 +311,7 @@ def table(args: argparse.Namespace) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["run", "table"])
+    ap.add_argument("mode", choices=["run", "table", "timing"])
     ap.add_argument("names", nargs="*")
     ap.add_argument("--data-dir", default=os.environ.get("VAEPRIORS_MNIST"))
     ap.add_argument("--runs", default="/tmp/coreset_ablation")
@@ -266,6 +325,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.mode == "table":
         return table(args)
+    if args.mode == "timing":
+        return timing(args.names, args)
     if args.names == ["all"] or not args.names:
         print("\n".join(f"{k}: {v}" for k, v in CONFIGS.items()))
         return
