@@ -170,8 +170,9 @@ class PseudocoresetPrior(BasePrior):
     inert (M = 500: -2.28 nats behind the exemplar prior with the default update, -2.26
     without any; more frequent or larger steps, an EM refit of the weights, or latents drawn
     from the pseudocoreset posterior, whose importance resampling degenerates to one sample,
-    do not help). The gap depends on M: -1.14 / -0.88 (two seeds) at M = 1000, level at M = 2000,
-    at a cost that grows with M (0.86x the exemplar prior's step time at M = 2000, N = 5000). ``leave_one_out`` and ``n_subsample`` are off by default: neither helped.
+    do not help). The gap depends on M: -1.14 / -0.88 (two seeds) at M = 1000, level at
+    M = 2000, at a cost that grows with M (0.86x the exemplar prior's step time at M = 2000,
+    N = 5000). ``leave_one_out`` and ``n_subsample`` are off by default: neither helped.
 
     Arguments:
         pseudo_inputs: initial pseudo-inputs ``[M, *input_shape]`` (copied).
