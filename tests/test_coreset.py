@@ -620,3 +620,65 @@ def test_update_is_adam_written_out():
         v = 0.999 * v + 0.001 * gu**2
         u = u - 0.05 * (m / (1 - 0.9**t)) / ((v / (1 - 0.999**t)).sqrt() + 1e-8)
         torch.testing.assert_close(prior.pseudo_inputs, u, rtol=1e-12, atol=1e-12)
+
+
+def test_subsampled_training_density():
+    d = 3
+    enc = ToyEncoder(d).double()
+    w = torch.tensor([0.0, 4.0, 1.0, 0.0, 2.5, 2.5, 3.0, 1.0], dtype=F64)
+    prior = PseudocoresetPrior(torch.rand(8, 6, dtype=F64), w, n_subsample=3, init_log_var=-0.5).bind(enc)
+    z = torch.randn(5, d, dtype=F64)
+    with torch.no_grad():
+        means = enc(prior.pseudo_inputs)[0]
+    # Training mode: three of the six positive-weight components, weights renormalised.
+    torch.manual_seed(3)
+    got = prior.train().log_prob(z)
+    torch.manual_seed(3)
+    live = (w > 0).nonzero().squeeze(1)
+    idx = live[torch.randperm(live.numel())[:3]]
+    ref = brute_log_prob64(z, means[idx], prior.log_var, w[idx], float(w[idx].sum()))
+    torch.testing.assert_close(got, ref)
+    # Gradients reach the encoder through the chosen pseudo-inputs only.
+    got.sum().backward()
+    assert all(p.grad is not None for p in enc.parameters())
+    # Evaluation mode: every component.
+    full = prior.eval().log_prob(z)
+    torch.testing.assert_close(full, brute_log_prob64(z, means, prior.log_var, w, 14.0))
+    # M at most the live components: the full density in training too.
+    prior2 = PseudocoresetPrior(prior.pseudo_inputs, w, n_subsample=6).bind(enc).train()
+    torch.testing.assert_close(prior2.log_prob(z), prior2.eval().log_prob(z))
+    assert "n_subsample=3" in repr(prior)
+    with pytest.raises(vp.VAEPriorsError, match="n_subsample"):
+        PseudocoresetPrior(torch.rand(4, 6), n_total=4.0, n_subsample=0)
+
+
+def test_leave_one_out_drops_the_own_component():
+    d = 3
+    enc = ToyEncoder(d).double()
+    data = torch.rand(10, 6, dtype=F64)
+    prior = PseudocoresetPrior.from_data(data, 4, leave_one_out=True, generator=torch.Generator().manual_seed(1))
+    prior = prior.bind(enc)
+    src = prior.source_index
+    assert src.shape == (4,) and torch.equal(prior.pseudo_inputs, data[src])
+    assert "source_index" not in prior.state_dict()
+    z = torch.randn(2, 10, d, dtype=F64)
+    index = torch.arange(10)
+    got = prior.train().log_prob(z, index=index)
+    with torch.no_grad():
+        means = enc(prior.pseudo_inputs)[0]
+    for b in range(10):
+        keep = torch.tensor([m for m in range(4) if int(src[m]) != b])
+        ref = brute_log_prob64(z[:, b], means[keep], prior.log_var, prior.weights[keep], float(prior.weights[keep].sum()))
+        torch.testing.assert_close(got[:, b], ref)
+    # Without index, in evaluation mode, or with leave_one_out=False: every component.
+    full = brute_log_prob64(z, means, prior.log_var, prior.weights, 10.0)
+    torch.testing.assert_close(prior.log_prob(z), full)
+    torch.testing.assert_close(prior.eval().log_prob(z, index=index), full)
+    plain = PseudocoresetPrior.from_data(data, 4, generator=torch.Generator().manual_seed(1)).bind(enc).train()
+    torch.testing.assert_close(plain.log_prob(z, index=index), full)
+    # With subsampling too: the own component is dropped when drawn.
+    sub = PseudocoresetPrior.from_data(data, 4, leave_one_out=True, n_subsample=2,
+                                       generator=torch.Generator().manual_seed(1)).bind(enc).train()  # fmt: skip
+    assert torch.isfinite(sub.log_prob(z, index=index)).all()
+    with pytest.raises(vp.VAEPriorsError, match="source_index"):
+        PseudocoresetPrior(torch.rand(4, 6), n_total=4.0, source_index=torch.zeros(3, dtype=torch.long))
