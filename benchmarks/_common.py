@@ -22,7 +22,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 
-__all__ = ["MODEL", "ROOT", "device_name", "machine", "model", "sync"]
+__all__ = ["MODEL", "ROOT", "device_name", "machine", "model", "sync", "write_results"]
 
 MODEL = "gated MLP VAE 784-300-300, d = 40, Bernoulli decoder (vaepriors.models.make_mlp_vae)"
 """The model every script times, in words (for the tables)."""
@@ -83,3 +83,21 @@ def model(latent_dim: int = 40, hidden: tuple[int, ...] = (300, 300), input_shap
         torch.manual_seed(seed)
     enc, dec = make_mlp_vae(input_shape, latent_dim=latent_dim, hidden=hidden)
     return enc.to(device), dec.to(device)
+
+
+def write_results(out: str | Path, stem: str, report: dict, markdown, plot) -> str:  # noqa: ANN001
+    r"""Writes ``<out>/<stem>.json``, the table ``markdown(report)`` as ``.md`` and the figure
+    ``plot(report, path)`` as ``.png`` (skipped with a note without matplotlib); returns the table."""
+    import json
+    import sys
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    md = markdown(report)
+    (out / f"{stem}.md").write_text(md)
+    try:
+        plot(report, out / f"{stem}.png")
+    except ImportError:
+        print("plot skipped: matplotlib is missing", file=sys.stderr)
+    return md

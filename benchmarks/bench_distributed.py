@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
-import json
 import math
 import os
 import pickle
@@ -64,7 +63,7 @@ from datetime import timedelta
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, model  # noqa: E402  (puts this checkout's vaepriors first)
+from _common import machine, model, write_results  # noqa: E402  (puts this checkout's vaepriors first)
 
 import torch  # noqa: E402
 import torch.distributed as tdist  # noqa: E402
@@ -707,16 +706,7 @@ def main() -> None:
         ranks={f"{k[0]}/{k[1]}/R={k[2]}": [[{kk: vv for kk, vv in x.items() if kk != "eval_values"} for x in o] for o in v]
                for k, v in results.items()},
     )  # fmt: skip
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "distributed_quick_cpu" if args.quick else "distributed_cpu"
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    md = markdown(report)
-    (out / f"{stem}.md").write_text(md)
-    try:
-        plot(report, out / f"{stem}.png")
-    except ImportError:
-        print("plot skipped: matplotlib is missing", file=sys.stderr)
+    md = write_results(args.out, "distributed_quick_cpu" if args.quick else "distributed_cpu", report, markdown, plot)
     print(md)
 
 

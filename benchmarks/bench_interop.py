@@ -59,7 +59,7 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import MODEL, machine, model  # noqa: E402  (puts this checkout's vaepriors first)
+from _common import MODEL, machine, model, write_results  # noqa: E402  (puts this checkout's vaepriors first)
 
 import torch  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
@@ -480,16 +480,7 @@ def main() -> None:
         wall_s=time.perf_counter() - t_start, command=f"python benchmarks/bench_interop.py {argv}".strip(),
         args={k: v for k, v in vars(args).items() if k not in ("out", "memory_child")},
     )  # fmt: skip
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "interop_quick_cpu" if args.quick else "interop_cpu"
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    md = markdown(report)
-    (out / f"{stem}.md").write_text(md)
-    try:
-        plot(report, out / f"{stem}.png")
-    except ImportError:
-        print("plot skipped: matplotlib is missing", file=sys.stderr)
+    md = write_results(args.out, "interop_quick_cpu" if args.quick else "interop_cpu", report, markdown, plot)
     print(md)
 
 
