@@ -6,12 +6,15 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import warnings
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.test_engine import TORCH, TORCH_IDS, pytestmark, tiny_blocks  # noqa: F401 (module mark, autouse fixture)
-from vaepriors.engine import _keops, mixture_logsumexp
+from vaepriors.engine import _chunked, _keops, mixture_logsumexp
 
 # Every backend: the torch ones, fused under Triton's interpreter on CPU (conftest sets
 # TRITON_INTERPRET=1), KeOps where it compiles.
@@ -106,3 +109,100 @@ def test_log_variances_below_float32_range_keep_values_and_gradients(usable, bac
     assert (value.double() - value64).abs().max() < 1e-5 * value64.abs().max()
     for name, g, r in zip(("z", "means", "log_var"), got, ref):
         assert rel(g, r) < 1e-4, (name, rel(g, r))
+
+
+@st.composite
+def extreme_problems(draw):
+    d = draw(st.integers(1, 4))
+    return dict(
+        b=draw(st.integers(1, 6)),
+        n=draw(st.integers(1, 7)),
+        d=d,
+        kind=draw(st.sampled_from(["scalar", "per-component", "diagonal"])),
+        log_var=draw(st.floats(-100.0, 80.0)),
+        spread=draw(st.sampled_from([0.0, 0.5])),  # of the log-variances
+        centre=draw(st.sampled_from([0.0, 1e2, 1e4])),  # where the data sit
+        scale=draw(st.sampled_from([1e-3, 1.0, 30.0])),  # data spread, in sigmas
+        far=draw(st.sampled_from([0.0, 10.0, 1e3])),  # queries' offset, in sigmas
+        near=draw(st.booleans()),  # queries within 1e-3 sigma of a mean
+        dtype=draw(st.sampled_from([torch.float32, torch.float64])),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+def _extreme_inputs(p):
+    """float64 draws rounded to the dtype (every backend and reference sees the same numbers)."""
+    g = torch.Generator().manual_seed(p["seed"])
+    b, n, d = p["b"], p["n"], p["d"]
+    shape = {"scalar": (), "per-component": (n,), "diagonal": (n, d)}[p["kind"]]
+    lv = p["log_var"] + p["spread"] * torch.randn(shape, generator=g, dtype=torch.float64)
+    sigma = math.exp(p["log_var"] / 2)
+    means = p["centre"] + p["scale"] * sigma * torch.randn(n, d, generator=g, dtype=torch.float64)
+    if p["near"]:
+        z = means[torch.randint(0, n, (b,), generator=g)] + 1e-3 * sigma * torch.randn(b, d, generator=g, dtype=torch.float64)
+    else:
+        z = p["centre"] + p["scale"] * sigma * torch.randn(b, d, generator=g, dtype=torch.float64)
+    z = z + p["far"] * sigma * torch.randn(b, d, generator=g, dtype=torch.float64)
+    return [t.to(p["dtype"]) for t in (z, means, lv)]
+
+
+def _close(x, ref, tol):
+    """Normwise relative agreement (values: relative to their size, at least 1)."""
+    x, ref = x.double(), ref.double()
+    if not (torch.isfinite(x).all() and torch.isfinite(ref).all()):
+        return False
+    return bool((x - ref).norm() <= tol * max(ref.norm().item(), 1e-300))
+
+
+def _sensitivity(z, means, lv):
+    """How much the float64 formula's value and gradients move when its inputs move by a
+    few ulps: float64 has no higher-precision reference, so this sets its tolerances."""
+    g = torch.Generator().manual_seed(1)
+    wiggle = [t * (1 + 4e-16 * torch.randn(t.shape, generator=g, dtype=t.dtype)) for t in (z, means, lv)]
+    v0, g0 = naive_grads(z, means, lv, torch.float64)
+    v1, g1 = naive_grads(*wiggle, torch.float64)
+    return [((x - y).norm() / max(y.norm().item(), 1e-300)).item() for x, y in zip([v1, *g1], [v0, *g0])]
+
+
+@settings(max_examples=25)
+@given(extreme_problems())
+def test_backends_agree_with_float64_at_extreme_scales(p):
+    """Log-variances -100..80, data up to 1e4 from the origin, near-coincident and far
+    queries, float32 and float64. Float32: wherever the plain formula in float32 matches
+    float64 to 1e-5 (float32 resolves the problem), every backend matches float64 (values
+    1e-5, gradients 1e-4) and the other backends (1e-5). Float64: within 1e-12, or 100x
+    what a few ulps of input move the plain formula, whichever is larger."""
+    z, means, lv = _extreme_inputs(p)
+    names = ("value", "z", "means", "log_var")
+    v64, g64 = naive_grads(z, means, lv, torch.float64)
+    ref = [v64, *g64]
+    if p["dtype"] == torch.float32:
+        vdt, gdt = naive_grads(z, means, lv, torch.float32)
+        resolved = [_close(x, r, 1e-5) for x, r in zip([vdt, *gdt], ref)]
+        tol, pair = [1e-5, 1e-4, 1e-4, 1e-4], [1e-5] * 4
+    else:
+        resolved = [bool(torch.isfinite(r).all()) for r in ref]
+        tol = pair = [max(1e-12, 100 * s) for s in _sensitivity(z, means, lv)]
+    if not any(resolved):
+        return
+    backends = [("dense", None), ("chunked", None), ("chunked", 300)]
+    if p["kind"] != "diagonal" and importlib.util.find_spec("triton") and os.environ.get("TRITON_INTERPRET") == "1":
+        backends.append(("fused", None))
+    if p["d"] == 3 and p["dtype"] == torch.float32 and _keops.check(torch.device("cpu"), torch.float32)[0]:
+        backends.append(("keops", None))  # (d = 3, float32: the formulas the KeOps tests compile)
+    saved = _chunked.MIN_CELLS
+    _chunked.MIN_CELLS = 1  # budget 300: blocks of a few cells
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # the tiny budget's
+            results = {f"{b}{s or ''}": values_and_grads(z, means, lv, b, s) for b, s in backends}
+    finally:
+        _chunked.MIN_CELLS = saved
+    first = None
+    for label, (value, grads) in results.items():
+        got = [value, *grads]
+        first = first or got
+        for k, name in enumerate(names):
+            if resolved[k]:
+                assert _close(got[k], ref[k], tol[k]), (label, name, p)
+                assert _close(got[k], first[k], pair[k]), (label, name, "vs dense", p)
