@@ -244,8 +244,9 @@ class ExemplarPrior(BasePrior):
             \mu_m, \sigma^2 I)`, exceeds ``tau``; the others are encoded without an autograd
             graph and their gradient is dropped. Values, and gradients w.r.t. z and
             :math:`\sigma^2`, stay exact. The share back-propagated is in
-            :attr:`last_truncation`; see the documentation's "Truncated backward" for the
+            :attr:`last_truncation`; see "Truncated backward" in the documentation's priors page for the
             error it introduces (about ``tau`` relative, measured) and what it saves.
+
     Example:
         >>> enc = nn.Linear(5, 4)
         >>> encoder = lambda x: enc(x).chunk(2, -1)
