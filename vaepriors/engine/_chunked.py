@@ -3,8 +3,9 @@ r"""Chunked torch backend: blocks over queries AND components, online max/sum, b
 Forward and backward both visit the B x N exponent matrix block by block; nothing larger
 than one block (a few ``bc x nc`` tensors, ``bc * nc`` set by the memory budget) is ever
 held. Blocks have at least :data:`MIN_CELLS` cells (about 64 x 1024): a budget too small
-for that is exceeded with one warning, rather than crawling through tiny blocks. The backward is a custom :class:`torch.autograd.Function` that keeps only the inputs
-and the per-query partial (max, sum), and recomputes the probabilities block by block. Double
+for that is exceeded with one warning, rather than crawling through tiny blocks. The
+backward is a custom :class:`torch.autograd.Function` that keeps only the inputs and the
+per-query partial (max, sum), and recomputes the probabilities block by block. Double
 backward is not supported (use the dense backend for that).
 """
 
@@ -55,11 +56,13 @@ MIN_CELLS = 1 << 16
 _WARNED: set[tuple] = set()
 
 
-def blocks(b: int, n: int, elem: int, budget: int, device: torch.device, d: int = 0) -> tuple[int, int]:
+def blocks(
+    b: int, n: int, elem: int, budget: int, device: torch.device, d: int = 0, *, warn: bool = True
+) -> tuple[int, int]:
     """The ``(bc, nc)`` block shape used for ``b`` queries and ``n`` components in ``d`` dims:
     the largest whose :func:`memory` fits ``budget``, capped by ``TILE_CELLS``, and at
-    least :data:`MIN_CELLS` cells (or the whole problem); warns once per shape and budget
-    where even that does not fit."""
+    least :data:`MIN_CELLS` cells (or the whole problem); warns (``warn``) once per shape
+    and budget where even that does not fit."""
     floor = max(1, min(MIN_CELLS, b * n))
     cells = max(min(budget // cell_bytes(elem), TILE_CELLS.get(device.type, DEFAULT_TILE)), floor)
     while True:
@@ -68,7 +71,7 @@ def blocks(b: int, n: int, elem: int, budget: int, device: torch.device, d: int 
         if need <= budget or cells <= floor:
             break
         cells = max(cells * 7 // 8, floor)
-    if need > budget:
+    if need > budget and warn:
         _warn_budget(b, n, d, elem, budget, device, bc, nc, need)
     return bc, nc
 
@@ -100,10 +103,11 @@ def _memory(b: int, n: int, d: int, elem: int, bc: int, nc: int) -> int:
 
 def memory(b: int, n: int, d: int, elem: int, budget: int, device: torch.device, grad: bool = False) -> int:
     """Estimated peak bytes of temporaries (not counting the gradients it returns): one
-    block, the block's operands, and a few numbers per query and per component. Measured
-    peaks (process resident size, clustered data where every near pair takes the
+    block, the block's operands, and a few numbers per query and per component; above
+    ``budget`` only where even the smallest block does not fit it. Measured peaks (torch's
+    allocator and the process's resident size, on data where half of all pairs take the
     difference form) stay below it: ``tests/test_engine_memory.py``."""
-    return _memory(b, n, d, elem, *blocks(b, n, elem, budget, device, d))
+    return _memory(b, n, d, elem, *blocks(b, n, elem, budget, device, d, warn=False))
 
 
 def _ranges(total: int, step: int) -> list[slice]:
@@ -117,7 +121,7 @@ def _forward(
     fr = Frame(z, means, log_var)
     b, n = z.shape[0], means.shape[0]
     bc, nc = blocks(b, n, z.element_size(), budget, z.device, z.shape[1])
-    cap = near_cap(bc * nc, z.shape[1], z.element_size())
+    cap = near_cap(bc * nc, z.shape[1], z.element_size(), log_var.dim() == 2)
     out_m = torch.empty(b, dtype=z.dtype, device=z.device)
     out_s = torch.empty_like(out_m)
     for rows in _ranges(b, bc):
@@ -175,7 +179,7 @@ def _backward(ctx, grad):
     fr = Frame(z, means, log_var)
     b, n = z.shape[0], means.shape[0]
     bc, nc = blocks(b, n, z.element_size(), ctx.budget, z.device, z.shape[1])
-    cap = near_cap(bc * nc, z.shape[1], z.element_size())
+    cap = near_cap(bc * nc, z.shape[1], z.element_size(), log_var.dim() == 2)
     g, shift = backward_rows(grad, m, s)
     gz = torch.zeros_like(z) if need_z else None
     gm = torch.zeros_like(means) if need_m else None

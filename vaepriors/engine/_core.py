@@ -321,13 +321,13 @@ class Near:
 NEAR_FLOOR = 1 << 16
 
 
-def near_cap(cells: int, d: int, elem: int) -> int:
-    """Near pairs recomputed at a time: their temporaries (indices, the scaled differences
-    ``[k, d]`` and their products, about ``32 + (4 d + 2) elem`` bytes a pair) fit in one
-    float per block cell, or :data:`NEAR_FLOOR`. Without this bound a block whose pairs
-    are all near held ~50 bytes per cell of indices and differences beyond its estimate
-    (a clustered data set: 2.3-9x the budget)."""
-    return max(1, max(cells * elem, NEAR_FLOOR) // (32 + (4 * d + 2) * elem))
+def near_cap(cells: int, d: int, elem: int, diag: bool = False) -> int:
+    """Near pairs recomputed at a time: their temporaries (indices, the gathered rows and
+    scaled differences ``[k, d]``: ``32 + (2 d + 4) elem`` bytes a pair, ``4 d`` with
+    diagonal scales) fit in one float per block cell, or :data:`NEAR_FLOOR`. Without this
+    bound a block whose pairs are all near held ~50 bytes per cell of indices and
+    differences beyond its estimate (a clustered data set: 2.3-9x the budget)."""
+    return max(1, max(cells * elem, NEAR_FLOOR) // (32 + ((4 if diag else 2) * d + 4) * elem))
 
 
 def scaled_diff(z: Tensor, means: Tensor, r: Tensor, i: Tensor, j: Tensor, *, inplace: bool = False) -> Tensor:

@@ -42,7 +42,7 @@ def logsumexp(
     # Without autograd the B x N temporaries are reused in place.
     inplace = not (torch.is_grad_enabled() and any(t.requires_grad for t in (z, means, log_var, a)))
     fr = Frame(z, means, log_var)
-    cap = near_cap(z.shape[0] * means.shape[0], z.shape[1], z.element_size())
+    cap = near_cap(z.shape[0] * means.shape[0], z.shape[1], z.element_size(), log_var.dim() == 2)
     dist, _ = block_sq_dist(fr.rows(), fr.cols(), inplace=inplace, cap=cap)
     arg = exponents(dist, a.expand(means.shape[0]), inplace=inplace)
     del dist

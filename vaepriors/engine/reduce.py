@@ -4,7 +4,9 @@ Backends (the ``backend`` argument; all give the same numbers to float rounding)
 
 - ``"dense"``: the whole B x N matrix, autograd; fastest for small B x N; twice differentiable.
 - ``"chunked"``: blocks over queries and components with an online max/sum and a
-  block-wise custom backward; memory bounded by ``memory_budget`` in forward AND backward.
+  block-wise custom backward; memory bounded by ``memory_budget`` in forward AND backward
+  (measured, near pairs included), with blocks of at least 64 x 1024 cells: a budget too
+  small for one is exceeded with a warning naming the bytes needed.
 - ``"keops"``: KeOps LazyTensor kernels (1-D or 2-D GPU scheme by shape), nothing B x N in
   memory; optional: checked once in a child process, and if it cannot run, the call falls
   back to the torch backends with one warning naming the cause and the fix.
