@@ -51,6 +51,7 @@ SCOPES = [
     ("ELBO glue (sampling, loss, inline checks)", "vaepriors.elbo.ExemplarELBO.forward"),
     ("encode batch", "vaepriors.elbo.ExemplarELBO.encode"),
     ("decoder + log p(x|z)", "vaepriors.elbo.ExemplarELBO.log_likelihood"),
+    ("decoder + log p(x|z)", "vaepriors.elbo.ExemplarELBO._log_likelihood"),
     ("analytic KL", "vaepriors.gaussian.GaussianPrior.analytic_kl"),
     ("prior log_prob (glue: gathers, unique, distances)", "vaepriors.prior.BasePrior.log_prob"),
     ("observe (RAT cache write of the batch)", "vaepriors.exemplar.ExemplarPrior.observe"),

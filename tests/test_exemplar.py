@@ -762,7 +762,7 @@ def test_extreme_variances(log_var, kw):
 # -- the retrieval's kNN, the cache's norms and its refresh schedule ---------------------------
 
 
-@pytest.mark.parametrize("n,b,k", [(200, 17, 5), (40, 6, 39), (1000, 30, 10)])
+@pytest.mark.parametrize("n,b,k", [(200, 17, 5), (40, 6, 39), (1000, 30, 10), (5003, 20, 5)])  # the last by block minima
 def test_exact_knn_equals_the_engine(n, b, k, dtype):
     from vaepriors.rat import exact_knn
 

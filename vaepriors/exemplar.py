@@ -889,12 +889,17 @@ class ExemplarPrior(BasePrior):
             norms=norms, backend=self.backend, memory_budget=self.memory_budget,
         ).to(z.device)  # [rows, k] global ids
         rat.last_neighbours = nb
+        mine = None
         if comm is None and lo == 0 and self.n_local == self.n_exemplars:
-            # One process holding every exemplar: every neighbour is its own, none is -1.
-            mine = None
+            # One process holding every exemplar: every neighbour is its own (-1, "none found",
+            # only where distances overflow: then the general path below).
             uniq, inv = torch.unique(nb, return_inverse=True)
+            if uniq.numel() and int(uniq[0]) < 0:
+                mine = nb >= 0
         else:
-            mine = (nb >= lo) & (nb < lo + self.n_local)  # the neighbours this process holds
+            mine = (nb >= lo) & (nb < lo + self.n_local)
+        if mine is not None:
+            # the neighbours this process holds
             uniq, inv_mine = torch.unique((nb - lo)[mine], return_inverse=True)
             inv = torch.zeros_like(nb)
             inv[mine] = inv_mine

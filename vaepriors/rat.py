@@ -163,6 +163,30 @@ class RetrievalCache(StateModule):
         return f"k={self.k}, refresh_every={self.refresh_every}, shape={tuple(self.means.shape)}"
 
 
+_BLOCK = 32  # columns per block of _smallest's first pass
+
+
+def _smallest(s: Tensor, c: int) -> tuple[Tensor, Tensor]:
+    """The ``c`` smallest values of each row of ``s`` ``[B, n]`` and their columns, unsorted:
+    ``s.topk(c, largest=False)``, faster for long rows. Each row's minimum over blocks of
+    ``_BLOCK`` columns is taken first; the c blocks with the smallest minima hold c values
+    at most the c-th of those minima, so every one of the row's c smallest values lies in
+    one of them: the exact answer is the top-c of those c blocks (and of the columns left
+    over after the last whole block)."""
+    b, n = s.shape
+    nb = n // _BLOCK
+    if nb < 4 * c:
+        return s.topk(c, 1, largest=False, sorted=False)
+    whole = nb * _BLOCK
+    mins = s[:, :whole].view(b, nb, _BLOCK).amin(2)
+    blocks = mins.topk(c, 1, largest=False, sorted=False).indices  # [B, c]
+    cols = (blocks[:, :, None] * _BLOCK + torch.arange(_BLOCK, device=s.device)).reshape(b, -1)
+    if whole < n:
+        cols = torch.cat([cols, torch.arange(whole, n, device=s.device).expand(b, -1)], 1)
+    v, pos = s.gather(1, cols).topk(c, 1, largest=False, sorted=False)
+    return v, cols.gather(1, pos)
+
+
 def exact_knn(
     queries: Tensor,
     points: Tensor,
@@ -177,7 +201,8 @@ def exact_knn(
 
     The candidates come from one matrix product per block of points,
     :math:`|\mu_n|^2 - 2 z \cdot \mu_n` (``norms`` are the :math:`|\mu_n|^2`; the per-query
-    :math:`|z|^2` does not change the order) and one top-``2k`` per block; the ``2k`` best
+    :math:`|z|^2` does not change the order) and one exact top-``2k`` per block (by block
+    minima first, see :func:`_smallest`); the ``2k`` best
     are then re-ranked by their distances computed exactly from the differences
     :math:`z - \mu_n`. A true neighbour could be missed only if more than ``k`` other points
     lay within the product's rounding error (~1e-7 of :math:`|\mu|^2`) of the k-th
@@ -214,7 +239,7 @@ def exact_knn(
                 valid = (col >= 0) & (col < width)
                 col = col.clamp(0, width - 1)[:, None]
                 s.scatter_(1, col, torch.where(valid[:, None], math.inf, s.gather(1, col)))
-            v, i = s.topk(min(c, width), 1, largest=False, sorted=False)
+            v, i = _smallest(s, min(c, width))
             if s0:
                 i += s0
                 v, i = torch.cat([best_s, v], 1), torch.cat([best_i, i], 1)
