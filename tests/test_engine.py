@@ -671,3 +671,55 @@ def test_excluding_the_only_component_is_an_error():
         mixture_log_prob(z, mu, 0.0, exclude=torch.tensor([0, -1]))
     ref = -0.5 * (z - mu).square().sum(-1) - 1.5 * math.log(2 * math.pi)
     torch.testing.assert_close(mixture_log_prob(z, mu, 0.0, exclude=torch.tensor([-1, -1])), ref)
+
+
+@given(
+    rows=st.integers(1, 12),
+    cols=st.integers(1, 40),
+    density=st.floats(0.0, 1.0),
+    cap=st.integers(1, 60),
+    seed=st.integers(0, 2**16),
+)
+def test_near_chunks_cover_the_mask_within_cap(rows, cols, density, cap, seed):
+    """Near.chunks hands out every near pair exactly once, at most ``cap`` at a time."""
+    from vaepriors.engine._core import Near
+
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(rows, cols, generator=g) < density
+    counts = mask.sum(1)
+    seen = torch.zeros(rows, cols, dtype=torch.int64)
+    for i, j in Near(mask, counts).chunks(cap):
+        assert 0 < i.numel() <= cap
+        seen.index_put_((i, j), torch.ones_like(i), accumulate=True)
+    assert torch.equal(seen, mask.long())
+
+
+@pytest.mark.parametrize("backend", ["dense", "chunked"])
+def test_terms_below_the_exp_floor(backend, dtype, device):
+    """Terms thousands of nats below each row's maximum (most of a wide mixture's terms:
+    exp would return denormals or 0 and leave its fast path): value and gradients as the
+    float64 brute force, excluded and zero-weight components exactly without gradient."""
+    g = torch.Generator().manual_seed(3)
+    z = (torch.randn(7, 3, generator=g) * 40).to(device, dtype)
+    means = (torch.randn(50, 3, generator=g) * 40).to(device, dtype)
+    log_w = torch.zeros(50, dtype=dtype, device=device)
+    log_w[5] = -math.inf
+    exclude = torch.tensor([0, -1, 2, -1, 4, -1, 49], device=device)
+    z, means, log_w = leaves(z, means, log_w)
+    log_var = torch.tensor(-1.0, dtype=dtype, device=device, requires_grad=True)
+    out = mixture_logsumexp(z, means, log_var, log_w, exclude, backend=backend).log()
+    # float64 reference with plain autograd
+    zr, mr, vr, wr = (t.detach().double().requires_grad_() for t in (z, means, log_var, log_w))
+    arg = wr - 0.5 * ((zr[:, None] - mr[None]) ** 2).sum(-1) / vr.exp() - 1.5 * (math.log(2 * math.pi) + vr)
+    arg = arg.scatter(1, exclude.clamp(min=0)[:, None], torch.where(exclude[:, None] >= 0, -math.inf, arg.gather(1, exclude.clamp(min=0)[:, None])))
+    ref = torch.logsumexp(arg, 1)
+    spread = (arg.amax(1, keepdim=True) - arg.masked_fill(arg.isinf(), 0)).amax().item()
+    assert spread > 1000  # the case the test is about
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=0)
+    grads = torch.autograd.grad(out.sum(), [z, means, log_var, log_w])
+    refs = torch.autograd.grad(ref.sum(), [zr, mr, vr, wr])
+    for got, want in zip(grads, refs):
+        want = want.nan_to_num(0.0)
+        torch.testing.assert_close(got.double(), want, rtol=10 * tol, atol=10 * tol * want.abs().max().item())
+    assert grads[3][5] == 0 and (grads[1][5] == 0).all()  # zero weight: no gradient at all

@@ -31,6 +31,7 @@ from ._core import (
     plan_blocks,
     safe_shift,
     scaled_diff,
+    shifted_exp_,
 )
 
 # Largest block on each device type when the budget allows more: blocks that stay in the
@@ -132,9 +133,9 @@ def _forward(
             arg = _block_exponents(rw, fr.cols(cols), a, ex, rows, cols, cap)[0]
             m_new = torch.maximum(m, arg.amax(1))
             shift = safe_shift(m_new)
-            s = s * torch.exp(m - shift) + arg.sub_(shift[:, None]).exp_().sum(1)
+            s = s * torch.exp(m - shift) + shifted_exp_(arg, shift[:, None]).sum(1)
             m = m_new
-        out_m[rows], out_s[rows] = m, s
+        out_m[rows], out_s[rows] = m, torch.where(torch.isneginf(m), torch.zeros_like(s), s)
     return out_m, out_s
 
 
@@ -185,6 +186,8 @@ def _backward(ctx, grad):
     gm = torch.zeros_like(means) if need_m else None
     ga = torch.zeros(n, dtype=z.dtype, device=z.device) if need_a else None
     gv = torch.zeros(log_var.shape if fr.diag else (n,), dtype=z.dtype, device=z.device) if need_v else None
+    # zero-weight components (a = -inf): exactly 0 in p, like excluded pairs, not exp(floor)
+    dead = torch.isneginf(a.detach()).expand(n).nonzero().view(-1)
     for rows in _ranges(b, bc):
         rw = fr.rows(rows)
         for cols in _ranges(n, nc):
@@ -192,7 +195,11 @@ def _backward(ctx, grad):
             p, dist, near = _block_exponents(rw, cl, a, ex, rows, cols, cap, keep_dist=gv is not None and not fr.diag)
             # dL/d(exponent) = dL/d(sum) * exp(arg - max): the forward's own max and sum, so
             # that exponents tied to float rounding share the probability as they do there.
-            p = p.sub_(shift[rows, None]).exp_().mul_(g[rows, None])
+            p = shifted_exp_(p, shift[rows, None]).mul_(g[rows, None])
+            if ex is not None:  # exactly 0, not exp(floor)
+                exclude_(p, ex[rows] - cols.start, 0.0)
+            if dead.numel():
+                p.index_fill_(1, dead[(dead >= cols.start) & (dead < cols.stop)] - cols.start, 0.0)
             if ga is not None:
                 ga[cols] += p.sum(0)
             if dist is not None:  # d(-D/2)/d log_var = D/2
@@ -213,7 +220,7 @@ def _backward(ctx, grad):
                     gz[rows].index_add_(0, i, delta, alpha=-1)
                 if gm is not None:
                     gm[cols].index_add_(0, j, delta)
-                del delta
+                del delta, w, r, i, j  # not alive into the next block's temporaries
             _gemm_grads(fr, rw, cl, p, gz, gm, gv, rows, cols)
     if gv is not None and log_var.dim() == 0:
         gv = gv.sum()

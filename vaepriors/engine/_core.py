@@ -77,6 +77,32 @@ def safe_shift(m: Tensor) -> Tensor:
     return torch.where(torch.isneginf(m), torch.zeros_like(m), m)
 
 
+def exp_floor(dtype: torch.dtype) -> float | None:
+    r"""The exponent below which :func:`shifted_exp_` rounds a term up to ``exp(floor)``, a
+    normal number (-86.3 in float32, -707.4 in float64); ``None`` (no floor) for float16,
+    whose smallest normal is not far below its precision.
+
+    Why: torch's CPU ``exp`` leaves its vector path for results that are denormal or 0
+    (measured on this project's EPYC machine: 1.5 ns an element in range, 22-55 ns below
+    -87 in float32), and most terms of a wide mixture lie there. A term so raised adds at
+    most ``exp(floor)`` to a sum holding its row's maximum, ``exp(0) = 1``: with N terms a
+    relative change below ``N * 2e-38`` in float32, far below one ulp."""
+    fi = torch.finfo(dtype)
+    floor = math.log(fi.tiny) + 1.0
+    return floor if floor < math.log(fi.eps) - 40.0 else None
+
+
+def shifted_exp_(arg: Tensor, shift: Tensor) -> Tensor:
+    r"""``exp(max(arg - shift, floor))`` in place (:func:`exp_floor`). A row whose shift is
+    its max holds its largest term, 1; rows that are empty (``-inf`` max) need their sums
+    zeroed by the caller, and excluded pairs their ``exp(floor)``."""
+    arg.sub_(shift)
+    floor = exp_floor(arg.dtype)
+    if floor is not None:
+        arg.clamp_(min=floor)
+    return arg.exp_()
+
+
 def component_constants(log_var: Tensor, log_weights: Tensor | None, n: int, d: int) -> Tensor:
     r"""``a_j = log w_j - (1/2) sum_k log(2 pi s_jk^2)``, shape [N]."""
     if log_var.dim() == 2:
@@ -286,34 +312,38 @@ class Frame:
 
 class Near:
     """The pairs of a block recomputed by the difference form: a boolean mask (1 byte per
-    pair of the block) and the rows that hold any, handed out in bounded chunks."""
+    pair of the block) and how many each row holds, handed out in bounded chunks."""
 
-    def __init__(self, mask: Tensor | None, rows: Tensor) -> None:
-        self.mask, self.rows = mask, rows
+    def __init__(self, mask: Tensor | None, counts: Tensor | None) -> None:
+        self.mask, self.counts = mask, counts
 
     def chunks(self, cap: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
-        """``(i, j)`` block coordinates of the near pairs, at most ``cap`` pairs (and a
-        ``cap``-byte slice of the mask) at a time; ``None``: all at once."""
+        """``(i, j)`` block coordinates of the near pairs, at most ``cap`` pairs at a time;
+        ``None``: all at once."""
         if self.mask is None:
             return
         if cap is None:
             nz = self.mask.nonzero()
             yield nz[:, 0], nz[:, 1]
             return
+        # Runs of consecutive rows holding at most ``cap`` pairs in all, found from per-row
+        # counts: one nonzero() per run (a view of the mask, no copy) rather than per row.
         n = self.mask.shape[1]
-        per = max(1, cap // n)
-        for s in range(0, self.rows.numel(), per):
-            r = self.rows[s : s + per]
-            if n <= cap:
-                nz = self.mask[r].nonzero()
-                if nz.numel():
-                    yield r[nz[:, 0]], nz[:, 1]
+        start, held = 0, 0
+        for row, count in enumerate(self.counts.tolist() + [cap + 1]):
+            if held + count <= cap:
+                held += count
                 continue
-            for row in r.tolist():  # a row wider than cap: column ranges
+            if held:
+                nz = self.mask[start:row].nonzero()
+                yield nz[:, 0] + start, nz[:, 1]
+            start, held = row, count
+            if count > cap and row < self.mask.shape[0]:  # a row wider than cap: column ranges
                 for c0 in range(0, n, cap):
                     j = self.mask[row, c0 : c0 + cap].nonzero().view(-1)
                     if j.numel():
                         yield torch.full_like(j, row), j + c0
+                start, held = row + 1, 0
 
 
 # Bytes the near pairs may always use, however small the block: fewer pairs at a time
@@ -323,11 +353,12 @@ NEAR_FLOOR = 1 << 16
 
 def near_cap(cells: int, d: int, elem: int, diag: bool = False) -> int:
     """Near pairs recomputed at a time: their temporaries (indices, the gathered rows and
-    scaled differences ``[k, d]``: ``32 + (2 d + 4) elem`` bytes a pair, ``4 d`` with
-    diagonal scales) fit in one float per block cell, or :data:`NEAR_FLOOR`. Without this
+    scaled differences ``[k, d]``: ``32 + (2 d + 4) elem`` bytes a pair, ``7 d`` with
+    diagonal scales, whose backward also gathers ``[k, d]`` scales and products) fit in one
+    float per block cell, or :data:`NEAR_FLOOR`. Without this
     bound a block whose pairs are all near held ~50 bytes per cell of indices and
     differences beyond its estimate (a clustered data set: 2.3-9x the budget)."""
-    return max(1, max(cells * elem, NEAR_FLOOR) // (32 + ((4 if diag else 2) * d + 4) * elem))
+    return max(1, max(cells * elem, NEAR_FLOOR) // (32 + ((7 if diag else 2) * d + 4) * elem))
 
 
 def scaled_diff(z: Tensor, means: Tensor, r: Tensor, i: Tensor, j: Tensor, *, inplace: bool = False) -> Tensor:
@@ -362,19 +393,19 @@ class _NearDistances(torch.autograd.Function):
         for i, j in near.chunks(cap):
             dist.index_put_((i, j), scaled_diff(z, means, r, i, j, inplace=True).square_().sum(-1).clamp_(max=limit))
         ctx.mark_dirty(dist)
-        ctx.save_for_backward(z, means, r, near.mask, near.rows)
+        ctx.save_for_backward(z, means, r, near.mask, near.counts)
         ctx.cap = cap
         return dist
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        z, means, r, mask, rows = ctx.saved_tensors
+        z, means, r, mask, counts = ctx.saved_tensors
         need_z, need_m, need_r = ctx.needs_input_grad[1:4]
         gz = torch.zeros_like(z) if need_z else None
         gm = torch.zeros_like(means) if need_m else None
         gr = torch.zeros_like(r) if need_r else None
         lim = big(z.dtype)
-        for i, j in Near(mask, rows).chunks(ctx.cap):
+        for i, j in Near(mask, counts).chunks(ctx.cap):
             diff = z[i] - means[j]
             rj = _pick(r, j)
             delta = diff * rj
@@ -416,13 +447,13 @@ def block_sq_dist(rows: Rows, cols: Cols, *, inplace: bool = False, cap: int | N
             u.masked_fill_(rows.flag[:, None], 1.0)
         if cols.flagged:
             u.masked_fill_(cols.flag[None, :], 1.0)
-        top = u.amax(1) if u.numel() else u.new_zeros(0)
-        near_rows = torch.nonzero(top > 0).view(-1)
-        if near_rows.numel() == 0:
-            return dist, Near(None, near_rows)
-        mask = u > 0
+        # counted in float, in place: a bool sum would cast the block to int64 first
+        counts = u.gt_(0).sum(1, dtype=u.dtype).to(torch.int64)
+        if not bool(counts.any()):
+            return dist, Near(None, None)
+        mask = u.bool()
         del u
-    near = Near(mask, near_rows)
+    near = Near(mask, counts)
     if not inplace and torch.is_grad_enabled():
         return _NearDistances.apply(dist, rows.raw, cols.raw, cols.r, near, cap), near
     limit = big(dist.dtype)
