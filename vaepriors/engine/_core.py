@@ -322,9 +322,10 @@ class Near:
         ``None``: all at once."""
         if self.mask is None:
             return
-        if cap is None:
-            nz = self.mask.nonzero()
-            yield nz[:, 0], nz[:, 1]
+        total = int(self.counts.sum())
+        if cap is None or total <= cap:
+            if total:
+                yield _nonzero2d(self.mask)
             return
         # Runs of consecutive rows holding at most ``cap`` pairs in all, found from per-row
         # counts: one nonzero() per run (a view of the mask, no copy) rather than per row.
@@ -335,8 +336,8 @@ class Near:
                 held += count
                 continue
             if held:
-                nz = self.mask[start:row].nonzero()
-                yield nz[:, 0] + start, nz[:, 1]
+                i, j = _nonzero2d(self.mask[start:row])
+                yield i + start, j
             start, held = row, count
             if count > cap and row < self.mask.shape[0]:  # a row wider than cap: column ranges
                 for c0 in range(0, n, cap):
@@ -344,6 +345,21 @@ class Near:
                     if j.numel():
                         yield torch.full_like(j, row), j + c0
                 start, held = row + 1, 0
+
+
+def _nonzero2d(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """``(i, j)`` of the true entries of a contiguous 2-d bool tensor. On CPU, where
+    ``nonzero`` reads a bool tensor byte by byte (~2 ns a byte, measured), the sparse near
+    pairs are found among 8-byte words first (5x faster at a few per 1000)."""
+    n = mask.shape[1]
+    flat = mask.reshape(-1)
+    if mask.device.type == "cpu" and flat.numel() % 8 == 0 and flat.storage_offset() % 8 == 0:
+        words = flat.view(torch.int64).nonzero().view(-1)
+        hit = flat.view(-1, 8)[words].nonzero()
+        idx = words[hit[:, 0]] * 8 + hit[:, 1]
+    else:
+        idx = flat.nonzero().view(-1)
+    return idx // n, idx % n
 
 
 # Bytes the near pairs may always use, however small the block: fewer pairs at a time
