@@ -541,7 +541,8 @@ class ExemplarPrior(BasePrior):
         owner = self.encoder if isinstance(self.encoder, nn.Module) else getattr(self.encoder, "__self__", None)
         return (
             id(self.encoder),
-            getattr(owner, "training", None),  # dropout or batch norm switched by hand
+            # every submodule's mode: dropout or batch norm, switched by eval() or by hand
+            tuple(m.training for m in owner.modules()) if isinstance(owner, nn.Module) else None,
             id(self._set.storage),
             self._set.version(),
             self.log_var.dtype,
@@ -561,12 +562,6 @@ class ExemplarPrior(BasePrior):
         means = self._all_means()
         self._eval_cache = None if key is None else (weakref.ref(self._set.storage), key, means)
         return means
-
-    def train(self, mode: bool = True) -> "ExemplarPrior":
-        r"""Sets training (``True``) or evaluation mode, as for any module; drops the
-        evaluation cache."""
-        self.invalidate_cache()
-        return super().train(mode)
 
     # -- RAT cache ---------------------------------------------------------------------
     def _cache_built(self) -> bool:
