@@ -723,3 +723,23 @@ def test_terms_below_the_exp_floor(backend, dtype, device):
         want = want.nan_to_num(0.0)
         torch.testing.assert_close(got.double(), want, rtol=10 * tol, atol=10 * tol * want.abs().max().item())
     assert grads[3][5] == 0 and (grads[1][5] == 0).all()  # zero weight: no gradient at all
+
+
+@pytest.mark.parametrize("kind", ["scalar", "per-component", "diagonal"])
+@pytest.mark.parametrize("backend", ["dense", "chunked"])
+def test_floored_terms_carry_no_gradient(backend, kind):
+    """Queries on their means at log-variance -86 (float32), every other component at a
+    scaled distance near the largest the expansion takes: the terms raised to the exp floor
+    (true weight ~0) once added exp(floor) x distance to the log-variance gradient (+4e5
+    where the exact total is -6)."""
+    g = torch.Generator().manual_seed(0)
+    d, n = 4, 2000
+    means = torch.randn(n, d, generator=g)
+    z = means[:3].clone().requires_grad_()
+    shape = {"scalar": (), "per-component": (n,), "diagonal": (n, d)}[kind]
+    log_var = torch.full(shape, -86.0, requires_grad=True)
+    out = mixture_log_prob(z, means, log_var, backend=backend, memory_budget=1 << 20)
+    gz, gv = torch.autograd.grad(out.sum(), [z, log_var])
+    # each query's own component holds all the weight: d/d log_var = -d/2 per query, d/dz = 0
+    assert abs(gv.sum().item() - (-3 * d / 2)) < 1e-4
+    assert gz.abs().max().item() == 0.0

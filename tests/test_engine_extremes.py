@@ -182,7 +182,9 @@ def test_backends_agree_with_float64_at_extreme_scales(p):
         tol, pair = [1e-5, 1e-4, 1e-4, 1e-4], [1e-5] * 4
     else:
         resolved = [bool(torch.isfinite(r).all()) for r in ref]
-        tol = pair = [max(1e-12, 100 * s) for s in _sensitivity(z, means, lv)]
+        # 1e-11 at least: a query 1000 sigma from three means 1e-3 sigma apart (weights set by
+        # O(1) differences of distances of 1e6) gives mean gradients within 1.8e-12
+        tol = pair = [max(1e-11, 100 * s) for s in _sensitivity(z, means, lv)]
     if not any(resolved):
         return
     backends = [("dense", None), ("chunked", None), ("chunked", 300)]

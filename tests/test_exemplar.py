@@ -364,13 +364,40 @@ def test_eval_cache_invalidation():
         prior.exemplars.mul_(0.5)  # in-place edit of the exemplars
     torch.testing.assert_close(prior.log_prob(z).double(), ref(), rtol=1e-5, atol=1e-5)
     calls = enc.calls
-    prior.train()
-    prior.eval()
-    prior.log_prob(z)
-    assert enc.calls == calls  # a round trip through training mode, weights unchanged: kept
     enc.lin.train(not enc.lin.training)  # a submodule's mode (dropout, batch norm) by hand
     prior.log_prob(z)
     assert enc.calls > calls
+    calls = enc.calls
+    prior.train()
+    for p in enc.parameters():
+        p.data.add_(0.5)  # a hand-written update through .data: no version counter moves
+    prior.eval()
+    torch.testing.assert_close(prior.log_prob(z).double(), ref(), rtol=1e-5, atol=1e-5)
+    assert enc.calls > calls  # a mode switch drops the cache
+
+
+def test_log_likelihood_keeps_the_eval_cache_between_calls():
+    """Each log_likelihood call is a round trip through evaluation mode: the encoded means
+    survive it while the weights are unchanged, and not once they change."""
+    from vaepriors import evaluation
+
+    prior, enc, x = make(n=8)
+    rows = []
+    forward = enc.forward
+    enc.forward = lambda v: rows.append(v.shape[0]) or forward(v)
+    decoder = lambda z: torch.distributions.Independent(torch.distributions.ContinuousBernoulli(logits=z @ torch.ones(3, D_IN)), 1)  # noqa: E731
+    elbo = vp.ExemplarELBO(enc, decoder, prior)
+
+    def exemplar_rows_encoded():
+        rows.clear()
+        evaluation.log_likelihood(elbo, x[:2], n_samples=4, progress=False)
+        return sum(r for r in rows if r != 2)  # the 2 test points aside
+
+    assert exemplar_rows_encoded() == 8
+    assert exemplar_rows_encoded() == 0 and prior.training  # kept; the mode restored
+    with torch.no_grad():
+        enc.lin.weight.add_(0.1)
+    assert exemplar_rows_encoded() == 8
 
 
 def test_eval_cache_with_a_plain_function_encoder():

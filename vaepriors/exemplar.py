@@ -175,8 +175,9 @@ class ExemplarPrior(BasePrior):
 
     **Evaluation mode** (``prior.eval()``) is the exact density over all N exemplars (no
     leave-one-out, ``index`` ignored), computed by the engine within ``memory_budget``. The N
-    means are encoded once (no gradients) and cached; the cache is recomputed when the mode
-    switches, the exemplars change (:meth:`set_exemplars`, in-place edits) or any of the
+    means are encoded once (no gradients) and cached; the cache is recomputed when the prior
+    is switched by ``train()`` / ``eval()`` (not by the library's own evaluation functions,
+    which restore it), any encoder submodule's mode changes, the exemplars change (:meth:`set_exemplars`, in-place edits) or any of the
     encoder's tensors changes (their version counters: optimiser steps,
     ``load_state_dict``). Tensors are found as the parameters and buffers of an
     ``nn.Module`` encoder (or of the module of a bound method), else as the modules and
@@ -553,6 +554,12 @@ class ExemplarPrior(BasePrior):
     def invalidate_cache(self) -> None:
         r"""Drops the cached evaluation means (they are recomputed on the next call)."""
         self._eval_cache = None
+
+    def train(self, mode: bool = True) -> "ExemplarPrior":
+        r"""Sets training (``True``) or evaluation mode, as for any module; drops the
+        evaluation cache (weights edited through ``.data`` in between would go unseen)."""
+        self.invalidate_cache()
+        return super().train(mode)
 
     def _eval_means(self) -> Tensor:
         key = self._cache_key()

@@ -186,8 +186,6 @@ def _backward(ctx, grad):
     gm = torch.zeros_like(means) if need_m else None
     ga = torch.zeros(n, dtype=z.dtype, device=z.device) if need_a else None
     gv = torch.zeros(log_var.shape if fr.diag else (n,), dtype=z.dtype, device=z.device) if need_v else None
-    # zero-weight components (a = -inf): exactly 0 in p, like excluded pairs, not exp(floor)
-    dead = torch.isneginf(a.detach()).expand(n).nonzero().view(-1)
     for rows in _ranges(b, bc):
         rw = fr.rows(rows)
         for cols in _ranges(n, nc):
@@ -195,11 +193,7 @@ def _backward(ctx, grad):
             p, dist, near = _block_exponents(rw, cl, a, ex, rows, cols, cap, keep_dist=gv is not None and not fr.diag)
             # dL/d(exponent) = dL/d(sum) * exp(arg - max): the forward's own max and sum, so
             # that exponents tied to float rounding share the probability as they do there.
-            p = shifted_exp_(p, shift[rows, None]).mul_(g[rows, None])
-            if ex is not None:  # exactly 0, not exp(floor)
-                exclude_(p, ex[rows] - cols.start, 0.0)
-            if dead.numel():
-                p.index_fill_(1, dead[(dead >= cols.start) & (dead < cols.stop)] - cols.start, 0.0)
+            p = shifted_exp_(p, shift[rows, None], drop=True).mul_(g[rows, None])
             if ga is not None:
                 ga[cols] += p.sum(0)
             if dist is not None:  # d(-D/2)/d log_var = D/2

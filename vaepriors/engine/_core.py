@@ -92,15 +92,23 @@ def exp_floor(dtype: torch.dtype) -> float | None:
     return floor if floor < math.log(fi.eps) - 40.0 else None
 
 
-def shifted_exp_(arg: Tensor, shift: Tensor) -> Tensor:
+def shifted_exp_(arg: Tensor, shift: Tensor, *, drop: bool = False) -> Tensor:
     r"""``exp(max(arg - shift, floor))`` in place (:func:`exp_floor`). A row whose shift is
     its max holds its largest term, 1; rows that are empty (``-inf`` max) need their sums
-    zeroed by the caller, and excluded pairs their ``exp(floor)``."""
+    zeroed by the caller.
+
+    ``drop=True`` (a backward's probabilities) sets the raised terms to exactly 0: gradients
+    multiply each probability by its distance, and a raised term's ``exp(floor)`` times a
+    distance up to :func:`big` is not negligible, while its true weight is (a term at most
+    ``exp(floor + 1/2)`` times its row's largest, whose own factor the gradient holds)."""
     arg.sub_(shift)
     floor = exp_floor(arg.dtype)
-    if floor is not None:
-        arg.clamp_(min=floor)
-    return arg.exp_()
+    if floor is None:
+        return arg.exp_()
+    arg.clamp_(min=floor).exp_()
+    if drop:
+        torch.nn.functional.threshold_(arg, math.exp(floor + 0.5), 0.0)
+    return arg
 
 
 def component_constants(log_var: Tensor, log_weights: Tensor | None, n: int, d: int) -> Tensor:

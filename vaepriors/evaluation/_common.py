@@ -82,15 +82,29 @@ def _evaluating(roots: Sequence[nn.Module]) -> Iterator[None]:
         for m in root.modules():
             saved.setdefault(m, m.training)
     try:
-        for root in roots:
-            root.eval()  # through eval(), so that modules overriding train() see the switch
+        with _keeping_eval_caches(saved):
+            for root in roots:
+                root.eval()  # through eval(), so that modules overriding train() see the switch
         with torch.no_grad():
             yield
     finally:
-        for root in roots:
-            root.train(saved[root])
-        for m, mode in saved.items():
-            m.training = mode
+        with _keeping_eval_caches(saved):
+            for root in roots:
+                root.train(saved[root])
+            for m, mode in saved.items():
+                m.training = mode
+
+
+@contextmanager
+def _keeping_eval_caches(modules) -> Iterator[None]:
+    """Mode switches inside keep the evaluation caches of modules that have one
+    (``ExemplarPrior``'s encoded means, which its ``train()`` drops): no user code runs
+    between the evaluation functions' own switches, and each entry is still checked against
+    the encoder's versions and modes when used."""
+    caches = {m: m._eval_cache for m in modules if getattr(m, "_eval_cache", None) is not None}
+    yield
+    for m, cache in caches.items():
+        m._eval_cache = cache
 
 
 def _device_of(roots: Sequence[nn.Module], device: torch.device | str | None = None) -> torch.device | None:
