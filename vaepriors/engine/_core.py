@@ -465,7 +465,9 @@ def block_sq_dist(rows: Rows, cols: Cols, *, inplace: bool = False, cap: int | N
     dist = addmm(t, rows.q, cols.q.T, alpha=-2)
     with torch.no_grad():
         # u > 0 marks near pairs; rows are screened with a cheap max before any mask.
-        u = t.mul_(NEAR).sub_(dist) if inplace else torch.mul(t.detach(), NEAR).sub_(dist.detach())
+        # t - dist / NEAR: NEAR is a power of two, so this is exactly (t NEAR - dist) / NEAR
+        # (same sign) in one pass
+        u = t.sub_(dist, alpha=1 / NEAR) if inplace else torch.sub(t.detach(), dist.detach(), alpha=1 / NEAR)
         del t
         if rows.flagged:
             u.masked_fill_(rows.flag[:, None], 1.0)
@@ -487,11 +489,11 @@ def block_sq_dist(rows: Rows, cols: Cols, *, inplace: bool = False, cap: int | N
 
 
 def exponents(dist: Tensor, a: Tensor, *, inplace: bool = False) -> Tensor:
-    r"""``a_j - D_ij / 2``, by the same two roundings in place or not (the chunked backward
-    must reproduce its forward's exponents bit for bit)."""
+    r"""``a_j - D_ij / 2``, one rounding (halving is exact), the same in place or not (the
+    chunked backward must reproduce its forward's exponents bit for bit)."""
     if inplace:
-        return dist.mul_(-0.5).add_(a)
-    return torch.mul(dist, -0.5).add_(a)
+        return torch.add(a, dist, alpha=-0.5, out=dist)
+    return torch.add(a, dist, alpha=-0.5)
 
 def exclude_(arg: Tensor, local: Tensor, value: float) -> Tensor:
     r"""Sets ``arg[r, local[r]] = value`` for rows whose ``local`` lies in ``[0, n)``, in place,
