@@ -26,15 +26,14 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-# This checkout's library, not an installed copy.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402  (puts this checkout's vaepriors first: not an installed copy)
 
 # Overrides of the pseudocoreset defaults (the library's builder: M = 500 random training
 # images with weights N/M, grey-level data in the update, input box = the data's range,
@@ -257,16 +256,6 @@ def timing(names: list[str], args: argparse.Namespace, steps: int = 10, rounds: 
         print(f"{n}: {t * 1000:.0f} ms / step ({t / out.get('exemplar', t):.2f} x exemplar)")
 
 
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def table(args: argparse.Namespace) -> None:
     runs = Path(args.runs)
     res = {p.stem: json.loads(p.read_text()) for p in sorted(runs.glob("*.json"))}
@@ -300,7 +289,7 @@ def table(args: argparse.Namespace) -> None:
         f"first {s['n_test']} test images, importance sampling with S = {s['eval_samples']}, one fixed generator for every "
         "configuration: the differences from the exemplar prior (M = N/2 exemplars per step) are paired per test point "
         "(± standard error over test points). s / epoch: training pass plus coreset updates (averaged over epochs), one "
-        f"torch thread. Machine: {_cpu()}, {os.cpu_count()} cores shared with other "
+        f"torch thread. Machine: {_common.device_name('cpu')}, {os.cpu_count()} cores shared with other "
         f"jobs (load average about 4-5, two runs at a time), torch {torch.__version__}.", "",
         "Findings: the coreset update is nearly inert (cs-default vs cs-noupdate -0.02 ± 0.01; latents from the "
         "pseudocoreset posterior by importance resampling: effective sample size 1, zero steps); larger or more frequent "
