@@ -88,7 +88,7 @@ LABELS = {
 
 _BASE = {
     "dataset": "mnist", "n_train": None, "n_eval": None, "hidden": [300, 300], "latent_dim": 40,
-    "batch_size": 100, "components": 500, "exemplar_subsample": "half", "rat_k": 10,
+    "batch_size": 100, "components": 500, "coreset_components": None, "exemplar_subsample": "half", "rat_k": 10,
     "coreset_every": 10, "patience": 50, "seed": 0, "knn_k": [3, 5, 7, 9, 11, 13, 15],
 }  # fmt: skip
 
@@ -150,6 +150,11 @@ def resolve(config: str | dict, **overrides) -> dict:
     return cfg
 
 
+def coreset_size(cfg: dict) -> int:
+    r"""The pseudocoreset's M under ``cfg``: ``coreset_components``, else ``components``."""
+    return cfg.get("coreset_components") or cfg["components"]
+
+
 def data_dir_for(data_dir: str | None) -> str | None:
     r"""The MNIST folder to use: ``data_dir``, else ``None`` where ``$VAEPRIORS_MNIST`` is set
     (the library reads it), else the checkout's shared copy where it exists, else ``None`` (the
@@ -180,7 +185,7 @@ def train_config(cfg: dict, prior: str, run_dir: Path, *, device: str, data_dir:
         n_train=size(cfg["n_train"]), n_eval=size(cfg["n_eval"]),
         epochs=cfg["epochs"], warmup=cfg["warmup"], lr=cfg["lr"], patience=cfg["patience"],
         batch_size=cfg["batch_size"], latent_dim=cfg["latent_dim"], hidden=tuple(cfg["hidden"]),
-        components=cfg["components"], coreset_every=cfg["coreset_every"],
+        components=coreset_size(cfg) if prior == "coreset" else cfg["components"], coreset_every=cfg["coreset_every"],
         exemplar_subsample=cfg["exemplar_subsample"] if prior == "exemplar" else ("all" if prior == "exemplar-rat" else None),
         rat_k=cfg["rat_k"], eval_samples=0,  # measured after, see measure()
         seed=cfg["seed"], device=device, threads=cfg["threads"], progress=progress, resume=resume,
@@ -322,6 +327,8 @@ def run_benchmark(cfg: dict, priors: list[str], out: Path, *, runs: Path, device
                                         progress=progress, resume=resume)  # fmt: skip
         rows.append(row)
         grids[prior], lls[prior] = images, values
+        if values is not None:  # per test point, for paired comparisons across invocations
+            torch.save(values, runs / prior / "test_log_likelihood.pt")
     for row in rows:
         ref = lls.get("gaussian")
         if ref is not None and lls[row["prior"]] is not None and row["prior"] != "gaussian":
@@ -377,7 +384,8 @@ def table(results: dict) -> str:
         f"Dataset {results['dataset']}: {sizes['train']} training / {sizes['valid']} validation / {sizes['test']} test "
         f"images; {cfg['epochs']} epochs at most (KL warm-up {cfg['warmup']}, learning rate {cfg['lr']}, batch "
         f"{cfg['batch_size']}, patience {cfg['patience']}); MLP VAE {'-'.join(map(str, cfg['hidden']))}, d = "
-        f"{cfg['latent_dim']}; {cfg['components']} components / pseudo-inputs; exemplar subsample M = "
+        f"{cfg['latent_dim']}; {cfg['components']} mixture components / pseudo-inputs"
+        f"{'' if coreset_size(cfg) == cfg['components'] else f' ({coreset_size(cfg)} for the pseudocoreset)'}; exemplar subsample M = "
         f"{sizes['train'] // 2 if cfg['exemplar_subsample'] == 'half' else cfg['exemplar_subsample']}; RAT k = "
         f"{cfg['rat_k']}; coreset update every {cfg['coreset_every']} epoch(s). Test log-likelihood: importance "
         f"sampling with S = {s_text} samples per test point (papers: S = 5000). Machine: {where}; "
@@ -504,7 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--docs-static", default=None, help="also copy the PNGs here as reproduce_<config>_<name>.png")
     g = p.add_argument_group("overrides of the configuration")
     for flag, kind in (("--epochs", int), ("--warmup", int), ("--lr", float), ("--n-train", int), ("--n-eval", int),
-                       ("--eval-samples", int), ("--threads", int), ("--seed", int)):  # fmt: skip
+                       ("--eval-samples", int), ("--threads", int), ("--seed", int), ("--coreset-components", int),
+                       ("--exemplar-subsample", int)):  # fmt: skip
         g.add_argument(flag, type=kind, default=None)
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                    help="progress bars on a terminal, status lines in a log")  # fmt: skip
@@ -515,7 +524,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     a = build_parser().parse_args(argv)
     cfg = resolve(a.config, epochs=a.epochs, warmup=a.warmup, lr=a.lr, n_train=a.n_train, n_eval=a.n_eval,
-                  eval_samples=a.eval_samples, threads=a.threads, seed=a.seed)  # fmt: skip
+                  eval_samples=a.eval_samples, threads=a.threads, seed=a.seed,
+                  coreset_components=a.coreset_components, exemplar_subsample=a.exemplar_subsample)  # fmt: skip
     out = Path(a.out or ROOT / "benchmarks" / "results" / f"reproduce_{a.config}")
     runs = Path(a.runs or Path("runs") / f"reproduce_{a.config}")
     if cfg["dataset"] == "mnist":

@@ -85,6 +85,11 @@ def test_results_json_and_numbers(tiny_run):
     diff = e["log_likelihood_vs_gaussian"]
     assert math.isclose(diff["mean"], e["log_likelihood"] - g["log_likelihood"], rel_tol=1e-9, abs_tol=1e-9)
     assert diff["std_error"] > 0 and "log_likelihood_vs_gaussian" not in g
+    # The per-point values are kept beside each run, for pairing across invocations.
+    for r in rows:
+        values = torch.load(tmp / "runs" / r["prior"] / "test_log_likelihood.pt")
+        assert values.shape == (cfg["n_eval"],)
+        assert math.isclose(float(values.double().mean()), r["log_likelihood"], rel_tol=1e-6, abs_tol=1e-6)
 
 
 @pytest.mark.slow  # trains and measures two priors (the module's tiny run)
@@ -122,6 +127,14 @@ def test_train_config_per_prior(tmp_path):
         assert R.training.exemplar_subsample_size(config, 5000) == (2500 if prior == "exemplar" else None)
         # The recorded command line gives the same run.
         assert train.parse_args(train.to_argv(config)) == config
+
+
+def test_coreset_components_override_only_the_coreset(tmp_path):
+    cfg = R.resolve("cpu-long", coreset_components=1500)
+    sizes = {p: R.train_config(cfg, p, tmp_path / p, device="cpu", data_dir=None, progress=False).components
+             for p in ("mog", "vamp", "coreset")}  # fmt: skip
+    assert sizes == {"mog": 500, "vamp": 500, "coreset": 1500}
+    assert R.coreset_size(R.resolve("cpu-long")) == 500  # unset: the mixtures' size
 
 
 def test_paired_difference_matches_float64_reference():
