@@ -26,6 +26,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -58,6 +59,7 @@ CONFIGS: dict[str, dict] = {
     "cs-weights-only": {"lr_inputs": 1e-12},
     "exemplar-seed1": {"prior": "exemplar", "seed": 1},
     "exemplar-sub500": {"prior": "exemplar", "exemplar_subsample": 500},
+    "exemplar-sub1000": {"prior": "exemplar", "exemplar_subsample": 1000},
     "cs-m2000-sub500-noupdate": {"components": 2000, "subsample": 500, "update": False},
     "cs-m5000-sub500-noupdate": {"components": 5000, "subsample": 500, "update": False},
     "cs-loo-noupdate": {"loo": True, "update": False},
@@ -73,6 +75,16 @@ CONFIGS: dict[str, dict] = {
     "cs-em-every5": {"em": True, "every": 5},
     "cs-m1000-em-every2": {"components": 1000, "em": True, "every": 2},
     "cs-inputs-only": {"lr_weights": 1e-12},
+    "cs-kmeanspp": {"init": "kmeans++"},
+    "cs-bin-inputs": {"init": "binary"},
+    "cs-m2000-detach-noupdate": {"components": 2000, "detach": True, "update": False},
+    "cs-m5000-detach-noupdate": {"components": 5000, "detach": True, "update": False},
+    "cs-every2-S500": {"every": 2, "n_samples": 500},
+    "cs-every2-bin-data": {"every": 2, "binary_update": True},
+    "cs-m1500-noupdate": {"components": 1500, "update": False},
+    "cs-m2500-detach-noupdate": {"components": 2500, "detach": True, "update": False},
+    "cs-m2000-cache10-noupdate": {"components": 2000, "refresh": 10, "update": False},
+    "cs-m2000-cache50-noupdate": {"components": 2000, "refresh": 50, "update": False},
 }
 
 
@@ -111,6 +123,63 @@ def em_weights(prior, elbo, data: torch.Tensor, n_draws: int = 4, batch: int = 5
     prior.weights.copy_((counts * prior.n_total / counts.sum()).to(prior.weights.dtype))
 
 
+def _detached_means_class():
+    from vaepriors.coreset import PseudocoresetPrior
+
+    class DetachedMeans(PseudocoresetPrior):
+        """Component means computed without gradients: the ELBO trains the encoder through
+        its own posteriors only (a forward pass over the M pseudo-inputs per step, no backward)."""
+
+        def components(self):
+            with torch.no_grad():
+                means = self.encode(self.pseudo_inputs).location(self.location)
+            return means, self.log_var
+
+    return DetachedMeans
+
+
+def _cached_means_class(refresh: int):
+    from vaepriors.coreset import PseudocoresetPrior
+
+    class CachedMeans(PseudocoresetPrior):
+        """Component means computed without gradients once every ``refresh`` training calls
+        and reused in between (evaluation mode: always fresh)."""
+
+        _calls, _cache = 0, None
+
+        def components(self):
+            if not self.training or self._cache is None or self._calls % refresh == 0:
+                with torch.no_grad():
+                    means = self.encode(self.pseudo_inputs).location(self.location)
+                if not self.training:
+                    return means, self.log_var
+                self._cache = means
+            self._calls += 1
+            return self._cache, self.log_var
+
+    return CachedMeans
+
+
+def _initial_inputs(data: torch.Tensor, m: int, how: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Initial pseudo-inputs other than the default's uniform draw: ``"kmeans++"`` (D^2
+    seeding in pixel space: rows spread over the data) or ``"binary"`` (the default's rows,
+    binarised once)."""
+    g = torch.Generator().manual_seed(seed)
+    flat = data.reshape(len(data), -1).double()
+    if how == "binary":
+        idx = torch.randperm(len(data), generator=g)[:m]
+        return torch.bernoulli(data[idx], generator=g), idx
+    assert how == "kmeans++", how
+    idx = [int(torch.randint(len(data), (1,), generator=g))]
+    d2 = (flat - flat[idx[0]]).pow(2).sum(1)
+    for _ in range(m - 1):
+        j = int(torch.multinomial(d2 / d2.sum(), 1, generator=g))
+        idx.append(j)
+        d2 = torch.minimum(d2, (flat - flat[j]).pow(2).sum(1))
+    idx = torch.tensor(idx)
+    return data[idx].clone(), idx
+
+
 def _make_prior(name: str, splits, encoder, decoder, args: argparse.Namespace):
     """The configuration's prior: the library's ExemplarPrior (through the training builder)
     or PseudocoresetPrior.from_data with the configuration's options."""
@@ -123,7 +192,14 @@ def _make_prior(name: str, splits, encoder, decoder, args: argparse.Namespace):
                           exemplar_subsample=spec.get("exemplar_subsample", "half"))  # fmt: skip
         return PRIORS["exemplar"](cfg, splits, encoder, decoder)
     kw = {"input_range": spec["input_range"]} if "input_range" in spec else {}
-    return PseudocoresetPrior.from_data(
+    cls = _detached_means_class() if spec.get("detach") else PseudocoresetPrior
+    if spec.get("refresh"):
+        cls = _cached_means_class(spec["refresh"])
+    if spec.get("init"):
+        u, idx = _initial_inputs(splits.train, spec.get("components", 500), spec["init"], args.seed)
+        return cls(u, n_total=len(splits.train), input_range=(0.0, 1.0), source_index=idx,
+                   leave_one_out=spec.get("loo", False), n_subsample=spec.get("subsample"))  # fmt: skip
+    return cls.from_data(
         splits.train, spec.get("components", 500), generator=torch.Generator().manual_seed(args.seed),
         lr_weights=spec.get("lr_weights", 1e-2), lr_inputs=spec.get("lr_inputs", 1e-3),
         leave_one_out=spec.get("loo", False), n_subsample=spec.get("subsample"), **kw,
@@ -291,16 +367,24 @@ def table(args: argparse.Namespace) -> None:
         "(± standard error over test points). s / epoch: training pass plus coreset updates (averaged over epochs), one "
         f"torch thread. Machine: {_common.device_name('cpu')}, {os.cpu_count()} cores shared with other "
         f"jobs (load average about 4-5, two runs at a time), torch {torch.__version__}.", "",
-        "Findings: the coreset update is nearly inert (cs-default vs cs-noupdate -0.02 ± 0.01; latents from the "
-        "pseudocoreset posterior by importance resampling: effective sample size 1, zero steps); larger or more frequent "
-        "steps and an EM weight refit do not help (-0.15 to -0.36 vs no update, also at M = 1000); the gap follows the "
-        "number of components M (against the exemplar prior of the same training seed, seeds 0 / 1: M = 500: -2.28 / "
-        "-1.67, 1000: -1.14 / -0.88, 2000: +0.01 / -0.09), and M costs time (per-step tables below). Leave-one-out for "
-        "pseudo-inputs copied from training images and training-time component subsampling do not help. The training "
-        "seed moves every prior alike (exemplar: 0.69 nat between seeds 0 and 1), so compare rows of one seed: the "
-        "paired ± covers test points and importance-sampling noise, not training seeds. The s / epoch column is wall "
-        "time on a loaded shared machine (other jobs came and went): use the interleaved per-step tables for cost "
-        "ratios.", "",
+        "Findings. (1) The coreset update is nearly inert (cs-default vs cs-noupdate -0.02 ± 0.01) and none of its "
+        "settings moves the likelihood by more than noise: S = 500 latent samples instead of 100 (+0.01 ± 0.00 vs "
+        "cs-default after one update; cs-every2-S500 vs cs-every2, five updates: +0.12 ± 0.12), binarised instead of "
+        "grey-level data in the update (-0.00 ± 0.00 after one and after five updates), no input box (-0.07 ± 0.02), "
+        "latents from the pseudocoreset posterior by importance resampling (effective sample size 1, zero steps), "
+        "larger or more frequent steps and an EM weight refit (-0.15 to -0.36 vs no update, also at M = 1000). "
+        "(2) Initialisation: k-means++ seeding in pixel space +0.18 ± 0.14 vs cs-default, pseudo-inputs binarised "
+        "once -0.05 ± 0.06: within noise. (3) The gap follows the number of components M (against the exemplar prior "
+        "of the same training seed, seeds 0 / 1: M = 500: -2.28 / -1.67, 1000: -1.14 / -0.88, 2000: +0.01 / -0.09), "
+        "and M costs time (per-step tables below). (4) The encoder must learn through the component means: at M = 2000, "
+        "means computed without gradients -0.28 ± 0.17 vs with them, means cached and refreshed every 10 or 50 steps "
+        "-1.70 ± 0.19 and -3.37 ± 0.25 (and at the cpu-long scale, M = 2500 without gradients ends 3.9 nats behind: "
+        "coreset_cpu-long.md); all M = N = 5000 training images as components without gradients or leave-one-out: "
+        "-1.46 ± 0.27. (5) Leave-one-out for pseudo-inputs copied from training images and training-time component "
+        "subsampling do not help. The training seed moves every prior alike (exemplar: 0.69 nat between seeds 0 and "
+        "1), so compare rows of one seed: the paired ± covers test points and importance-sampling noise, not training "
+        "seeds. The s / epoch column is wall time on a loaded shared machine (other jobs came and went): use the "
+        "interleaved per-step tables for cost ratios.", "",
         "| configuration | change from the default | test log p(x) | vs exemplar, same seed (paired) | vs cs-noupdate (paired) | test ELBO | s / epoch | x exemplar time | update diagnostics |",
         "|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
@@ -341,9 +425,132 @@ def table(args: argparse.Namespace) -> None:
     print("\n".join(lines))
 
 
+# -- the cpu-long scale ---------------------------------------------------------------------
+def _reproduction(out: Path) -> tuple[dict, Path]:
+    """A ``reproduce.py`` output folder's results and its training runs folder (``--runs``)."""
+    res = json.loads((out / "results.json").read_text())
+    argv = shlex.split(res["command"])
+    return res, Path(argv[argv.index("--runs") + 1]) if "--runs" in argv else Path("runs") / f"reproduce_{res['config']['name']}"
+
+
+def long_report(args: argparse.Namespace) -> dict:
+    """The pseudocoreset at several M in the cpu-long reproduction, paired per test point with
+    the exemplar prior (subsampling) and RAT trained with the same seed: those of a full
+    cpu-long run (``--reference``, a ``reproduce.py`` output) for seed 0, else rows of the
+    ``--sweep`` runs (``OUT`` or ``OUT=NOTE``, ``reproduce.py`` outputs)."""
+    ref, ref_runs = _reproduction(Path(args.reference))
+    rows = []
+    for r in ref["rows"]:
+        m = ref["config"]["components"] if r["prior"] in ("mog", "vamp", "coreset") else None
+        rows.append({"prior": r["prior"], "label": r["label"], "row": r, "components": m, "seed": ref["config"]["seed"],
+                     "note": "", "source": "reference run",
+                     "values": torch.load(ref_runs / r["prior"] / "test_log_likelihood.pt")})  # fmt: skip
+    for item in args.sweep:
+        out, _, note = item.partition("=")
+        res, runs = _reproduction(Path(out))
+        seed = res["config"]["seed"]
+        for r in res["rows"]:
+            m = (res["config"].get("coreset_components") or res["config"]["components"]) if r["prior"] == "coreset" else None
+            if r["prior"] == "exemplar" and res["config"]["exemplar_subsample"] != "half":
+                m = res["config"]["exemplar_subsample"]
+            label = r["label"] + (f", M = {m}" if m else "") + (f", seed {seed}" if seed else "") + (f" ({note})" if note else "")
+            rows.append({"prior": r["prior"], "label": label, "row": r, "components": m, "seed": seed, "note": note,
+                         "source": out, "values": torch.load(runs / r["prior"] / "test_log_likelihood.pt")})  # fmt: skip
+    pairs = {}
+    for r in rows:
+        pairs.setdefault((r["prior"], r["seed"]), r)
+    t_ex = pairs[("exemplar", ref["config"]["seed"])]["row"]["seconds_per_epoch"]
+    timing = json.loads(Path(args.timing).read_text()) if args.timing else None
+    step = timing["seconds_per_step"] if timing else {}
+    out_rows = []
+    for r in rows:
+        vs = {}
+        for other in ("exemplar", "exemplar-rat"):
+            o = pairs.get((other, r["seed"]))
+            if o is not None and o is not r:
+                d = r["values"].double() - o["values"].double()
+                vs[other] = {"mean": float(d.mean()), "std_error": float(d.std() / math.sqrt(len(d)))}
+        name = None
+        if r["prior"] == "exemplar":
+            name = "exemplar" if r["components"] is None else f"exemplar-sub{r['components']}"
+        elif r["prior"] == "coreset":
+            name = f"cs-m{r['components']}" + ("-detach" if "gradient" in r["note"] else "") + "-noupdate"
+            name = "cs-default" if name == "cs-m500-noupdate" else name
+        ms = step.get(name)
+        out_rows.append({
+            "prior": r["prior"], "label": r["label"], "components": r["components"], "seed": r["seed"], "note": r["note"],
+            "source": r["source"], "log_likelihood": r["row"]["log_likelihood"],
+            "log_likelihood_std_error": r["row"]["log_likelihood_std_error"], "vs": vs,
+            "seconds_per_epoch": r["row"]["seconds_per_epoch"],
+            "epoch_ratio": r["row"]["seconds_per_epoch"] / t_ex if r["source"] == "reference run" else None,
+            "ms_per_step": None if ms is None else 1000 * ms, "timing_name": name if ms is not None else None,
+            "step_ratio": None if ms is None else ms / step["exemplar"],
+        })  # fmt: skip
+    return {"reference": {"path": args.reference, "command": ref["command"], "machine": ref["machine"],
+                          "date": ref["date"], "config": ref["config"]},
+            "timing": timing, "rows": out_rows, "machine": _common.machine("cpu")}  # fmt: skip
+
+
+def long_markdown(rep: dict) -> str:
+    cfg = rep["reference"]["config"]
+    name = cfg.get("name", "custom")
+    lines = [
+        f"# The pseudocoreset in the `{name}` reproduction (issue #17)", "",
+        f"The `{name}` reproduction ({cfg['n_train']} MNIST training images, {cfg['epochs']} epochs, S = "
+        f"{cfg['eval_samples']} importance samples, training seed {cfg['seed']}; `{rep['reference']['command']}`) and "
+        "further runs of the same configuration with the pseudocoreset at more pseudo-inputs M "
+        "(`--priors coreset --coreset-components M`) or another training seed (`--seed`). Differences are paired per "
+        "test point against the exemplar prior (subsampling, M = N/2) and RAT trained with the same seed (same test "
+        "points, same importance-sampling noise), ± their standard error over test points: a second seed shows how "
+        "far a training run itself moves them.", "",
+        "Cost: *x exemplar, epoch* is the reference run's seconds per epoch over its exemplar prior's (each prior "
+        "trained in turn, nothing else running, coreset updates included); *x exemplar, step* is a training step "
+        "(ELBO, backward, Adam; the update pass excluded) timed interleaved with the exemplar prior's step in one "
+        "process (`ablate_coreset.py timing`, 10000 images, one thread, median of 3 rounds of 10 steps). The other "
+        "runs shared the machine with other jobs (marked *shared*): their own s / epoch is not a cost.", "",
+        "| prior | test log p(x) | vs exemplar (paired) | vs RAT (paired) | s / epoch | x exemplar, epoch | ms / step | x exemplar, step |",
+        "|---|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    f = lambda v, fmt: "" if v is None else format(v, fmt)  # noqa: E731
+    for r in rep["rows"]:
+        vs = lambda k: f"{r['vs'][k]['mean']:+.2f} ± {r['vs'][k]['std_error']:.2f}" if k in r["vs"] else ""  # noqa: E731
+        shared = "" if r["source"] == "reference run" else " (shared)"
+        lines.append(f"| {r['label']} | {r['log_likelihood']:.2f} ± {r['log_likelihood_std_error']:.2f} | {vs('exemplar')} | "
+                     f"{vs('exemplar-rat')} | {r['seconds_per_epoch']:.2f}{shared} | {f(r['epoch_ratio'], '.2f')} | "
+                     f"{f(r['ms_per_step'], '.0f')} | {f(r['step_ratio'], '.2f')} |")  # fmt: skip
+    lines += ["", "Produced by `python benchmarks/ablate_coreset.py long --reference OUT --sweep OUT_M1000 ... --timing "
+              "TIMING.txt --out benchmarks/results`; the runs by `python benchmarks/reproduce.py --config cpu-long` "
+              "(reference) and `... --priors coreset --coreset-components M` (sweep).", ""]  # fmt: skip
+    return "\n".join(lines)
+
+
+def long_plot(rep: dict, path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.subplots()
+    for r in rep["rows"]:
+        cost = r["step_ratio"] if r["step_ratio"] is not None else r["epoch_ratio"]
+        if cost is None or "exemplar" not in r["vs"]:
+            continue
+        d = r["vs"]["exemplar"]
+        cs = r["prior"] == "coreset"
+        ax.errorbar(cost, d["mean"], yerr=d["std_error"], fmt="o" if cs else "s", color="C0" if cs else "C1", capsize=3)
+        ax.annotate(r["label"].replace("Pseudocoreset (ByPE), ", "").replace("Pseudocoreset (ByPE)", f"M = {r['components']}"),
+                    (cost, d["mean"]), textcoords="offset points", xytext=(5, 4), fontsize=8)  # fmt: skip
+    ax.axhline(0, color="k", lw=0.8)
+    ax.axhline(-0.5, color="grey", ls="--", lw=0.8)
+    ax.axvline(1 / 3, color="grey", ls=":", lw=0.8)
+    ax.set_xlabel("training cost, x the exemplar prior's (step where timed, else epoch)")
+    ax.set_ylabel("test log p(x) - exemplar prior's (nats, paired)")
+    ax.set_title("cpu-long: pseudocoreset (circles) against the other priors", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["run", "table", "timing"])
+    ap.add_argument("mode", choices=["run", "table", "timing", "long"])
     ap.add_argument("names", nargs="*")
     ap.add_argument("--data-dir", default=os.environ.get("VAEPRIORS_MNIST"))
     ap.add_argument("--runs", default="/tmp/coreset_ablation")
@@ -354,7 +561,16 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--eval-samples", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--reference", help="long: a full cpu-long reproduce.py output folder")
+    ap.add_argument("--sweep", nargs="*", default=[], help="long: reproduce.py output folders of coreset-only runs")
+    ap.add_argument("--timing", help="long: a timing.txt of `timing` at 10000 images")
     args = ap.parse_args()
+    if args.mode == "long":
+        rep = long_report(args)
+        for r in rep["rows"]:
+            r.pop("values", None)
+        print(_common.write_results(args.out, "coreset_cpu-long", rep, long_markdown, long_plot))
+        return
     if args.mode == "table":
         return table(args)
     if args.mode == "timing":
