@@ -82,6 +82,7 @@ CONFIGS: dict[str, dict] = {
     "cs-every2-S500": {"every": 2, "n_samples": 500},
     "cs-every2-bin-data": {"every": 2, "binary_update": True},
     "cs-m1500-noupdate": {"components": 1500, "update": False},
+    "cs-m4000-noupdate": {"components": 4000, "update": False},
     "cs-m2500-detach-noupdate": {"components": 2500, "detach": True, "update": False},
     "cs-m2000-cache10-noupdate": {"components": 2000, "refresh": 10, "update": False},
     "cs-m2000-cache50-noupdate": {"components": 2000, "refresh": 50, "update": False},
