@@ -7,7 +7,7 @@ estimates the test log-likelihood of the first ``--n-test`` test images with S i
 samples and a fixed generator (same test points, same noise seed for every configuration),
 so per-point differences against the exemplar prior are paired.
 
-Run one configuration per process (at most two at a time on the shared 2-core machine)::
+Run one configuration per process (two or three at a time on the shared 2-vCPU machine)::
 
     python benchmarks/ablate_coreset.py run exemplar --data-dir /work/shared/data/mnist --runs /tmp/abl
     python benchmarks/ablate_coreset.py run cs-default --data-dir /work/shared/data/mnist --runs /tmp/abl
@@ -17,7 +17,18 @@ Run one configuration per process (at most two at a time on the shared 2-core ma
 ``run all`` lists the configurations. The table gives, per configuration, the test
 log-likelihood, its paired difference from the exemplar prior (mean and standard error over
 test points), the test ELBO, seconds per epoch (training pass, coreset updates included)
-and the update's diagnostics.
+and the update's diagnostics. ``timing NAME ...`` times their training steps interleaved.
+
+At the reproduction's scale, ``long`` pairs ``reproduce.py`` runs of the pseudocoreset at
+other M (``--coreset-components``), of the exemplar prior at other M
+(``--exemplar-subsample``) or with component means without gradients (``reproduce-detached``,
+which takes reproduce.py's arguments) with a full reproduction's exemplar prior and RAT::
+
+    python benchmarks/reproduce.py --config cpu-long --out /tmp/cl/ref --runs /tmp/cl/runs-ref
+    python benchmarks/reproduce.py --config cpu-long --priors coreset --coreset-components 1500 --out /tmp/cl/m1500
+    python benchmarks/ablate_coreset.py reproduce-detached --config cpu-long --priors coreset --coreset-components 2500 --out /tmp/cl/d2500
+    python benchmarks/ablate_coreset.py long --reference /tmp/cl/ref --sweep /tmp/cl/m1500 \
+        "/tmp/cl/d2500=means without gradients@cs-m2500-detach-noupdate" --timing T/timing.txt --docs-static docs/_static
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -125,6 +137,7 @@ def em_weights(prior, elbo, data: torch.Tensor, n_draws: int = 4, batch: int = 5
 
 
 def _detached_means_class():
+    """A PseudocoresetPrior whose component means carry no gradient (the ``detach`` rows)."""
     from vaepriors.coreset import PseudocoresetPrior
 
     class DetachedMeans(PseudocoresetPrior):
@@ -140,6 +153,8 @@ def _detached_means_class():
 
 
 def _cached_means_class(refresh: int):
+    """A PseudocoresetPrior whose component means are recomputed (without gradients) only
+    every ``refresh`` training calls (the ``refresh`` rows)."""
     from vaepriors.coreset import PseudocoresetPrior
 
     class CachedMeans(PseudocoresetPrior):
@@ -339,7 +354,6 @@ def table(args: argparse.Namespace) -> None:
     if "exemplar" not in res:
         sys.exit("no exemplar run to pair against")
     ref = torch.load(runs / "exemplar.ll.pt")
-    t_ref = res["exemplar"]["seconds_per_epoch"]
     order = [n for n in CONFIGS if n in res]
     rows = []
     for n in order:
@@ -348,13 +362,12 @@ def table(args: argparse.Namespace) -> None:
         # Paired with the exemplar prior trained with the same seed where there is one.
         seed = r["setup"]["seed"]
         ref_name = "exemplar" if seed == 0 or f"exemplar-seed{seed}" not in res else f"exemplar-seed{seed}"
-        d = v - (ref if ref_name == "exemplar" else torch.load(runs / f"{ref_name}.ll.pt"))
+        d = v.double() - (ref if ref_name == "exemplar" else torch.load(runs / f"{ref_name}.ll.pt")).double()
         r["paired_with"] = ref_name
         r["diff_vs_exemplar"] = float(d.mean())
         r["diff_vs_exemplar_se"] = float(d.std() / math.sqrt(len(d))) if n != ref_name else 0.0
-        r["time_ratio"] = r["seconds_per_epoch"] / t_ref
         if "cs-noupdate" in res and n.startswith("cs-") and n != "cs-noupdate":
-            d0 = v - torch.load(runs / "cs-noupdate.ll.pt")
+            d0 = v.double() - torch.load(runs / "cs-noupdate.ll.pt").double()
             r["diff_vs_noupdate"] = float(d0.mean())
             r["diff_vs_noupdate_se"] = float(d0.std() / math.sqrt(len(d0)))
         rows.append(r)
@@ -379,9 +392,9 @@ def table(args: argparse.Namespace) -> None:
         "of the same training seed, seeds 0 / 1: M = 500: -2.28 / -1.67, 1000: -1.14 / -0.88, 2000: +0.01 / -0.09), "
         "and M costs time (per-step tables below). (4) The encoder must learn through the component means: at M = 2000, "
         "means computed without gradients -0.28 ± 0.17 vs with them, means cached and refreshed every 10 or 50 steps "
-        "-1.70 ± 0.19 and -3.37 ± 0.25 (and at the cpu-long scale, M = 2500 without gradients ends 3.9 nats behind: "
-        "coreset_cpu-long.md); all M = N = 5000 training images as components without gradients or leave-one-out: "
-        "-1.46 ± 0.27. (5) Leave-one-out for pseudo-inputs copied from training images and training-time component "
+        "-1.70 ± 0.19 and -3.37 ± 0.25 (and at the cpu-long scale, M = 2500 without gradients ends 3.95 ± 0.12 nats "
+        "behind the exemplar prior: coreset_cpu-long.md); all M = N = 5000 training images as components without gradients or leave-one-out: "
+        "-1.46 ± 0.26. (5) Leave-one-out for pseudo-inputs copied from training images and training-time component "
         "subsampling do not help. The training seed moves every prior alike (exemplar: 0.69 nat between seeds 0 and "
         "1), so compare rows of one seed: the paired ± covers test points and importance-sampling noise, not training "
         "seeds. The s / epoch column is wall time on a loaded shared machine (other jobs came and went): use the "
@@ -426,57 +439,109 @@ def table(args: argparse.Namespace) -> None:
     print("\n".join(lines))
 
 
-# -- the cpu-long scale ---------------------------------------------------------------------
+# -- the reproduction's scale ----------------------------------------------------------------
+# Keys in which a run may differ from the reference and still pair with it.
+_MAY_DIFFER = {"seed", "coreset_components", "exemplar_subsample", "threads", "device"}
+
+
 def _reproduction(out: Path) -> tuple[dict, Path]:
-    """A ``reproduce.py`` output folder's results and its training runs folder (``--runs``)."""
-    res = json.loads((out / "results.json").read_text())
-    argv = shlex.split(res["command"])
-    return res, Path(argv[argv.index("--runs") + 1]) if "--runs" in argv else Path("runs") / f"reproduce_{res['config']['name']}"
+    """A ``reproduce.py`` output folder's results and its training runs folder."""
+    path = out / "results.json"
+    if not path.is_file():
+        sys.exit(f"ablate_coreset: no results.json in '{out}' (expected a reproduce.py --out folder)")
+    res = json.loads(path.read_text())
+    if "runs" in res:  # recorded by reproduce.py since the runs were first paired
+        return res, Path(res["runs"])
+    argv = shlex.split(res.get("command") or "")
+    for i, arg in enumerate(argv):
+        if arg == "--runs" and i + 1 < len(argv):
+            return res, Path(argv[i + 1])
+        if arg.startswith("--runs="):
+            return res, Path(arg.split("=", 1)[1])
+    return res, Path("runs") / f"reproduce_{res['config']['name']}"
+
+
+def _values(runs: Path, row: dict, n_test: int) -> torch.Tensor:
+    """A row's per-point test log-likelihoods, checked against the row (a shared runs folder
+    would otherwise pair another run's values)."""
+    path = runs / row["prior"] / "test_log_likelihood.pt"
+    if not path.is_file() or row.get("log_likelihood") is None:
+        sys.exit(f"ablate_coreset: no per-point test log-likelihoods for {row['prior']} in '{path.parent}'")
+    v = torch.load(path).double()
+    if v.shape != (n_test,) or abs(float(v.mean()) - row["log_likelihood"]) > 1e-3:
+        sys.exit(f"ablate_coreset: '{path}' does not hold the values of this run's {row['prior']} row "
+                 "(mean or size differ): was its runs folder shared with another run?")  # fmt: skip
+    return v
 
 
 def long_report(args: argparse.Namespace) -> dict:
-    """The pseudocoreset at several M in the cpu-long reproduction, paired per test point with
-    the exemplar prior (subsampling) and RAT trained with the same seed: those of a full
-    cpu-long run (``--reference``, a ``reproduce.py`` output) for seed 0, else rows of the
-    ``--sweep`` runs (``OUT`` or ``OUT=NOTE``, ``reproduce.py`` outputs)."""
+    """The pseudocoreset at other M (or seeds) in a reproduction, paired per test point with
+    the exemplar prior (subsampling, M = N/2) and RAT trained with the same seed.
+
+    ``args.reference``: a full ``reproduce.py`` output folder; ``args.sweep``: further output
+    folders of the same configuration (``OUT``, ``OUT=NOTE`` or ``OUT=NOTE@TIMING_NAME``, the
+    name of the row's configuration in the timing file); ``args.timing``: a ``timing.txt``.
+    """
+    import reproduce  # the configuration's own rule for the pseudocoreset's M
+
     ref, ref_runs = _reproduction(Path(args.reference))
-    rows = []
-    for r in ref["rows"]:
-        m = ref["config"]["components"] if r["prior"] in ("mog", "vamp", "coreset") else None
-        rows.append({"prior": r["prior"], "label": r["label"], "row": r, "components": m, "seed": ref["config"]["seed"],
-                     "note": "", "source": "reference run",
-                     "values": torch.load(ref_runs / r["prior"] / "test_log_likelihood.pt")})  # fmt: skip
-    for item in args.sweep:
-        out, _, note = item.partition("=")
-        res, runs = _reproduction(Path(out))
-        seed = res["config"]["seed"]
+    base = {k: v for k, v in ref["config"].items() if k not in _MAY_DIFFER}
+
+    def entries(res: dict, runs: Path, source: str, note: str, timing_name: str | None) -> list[dict]:
+        cfg = res["config"]
+        if res["dataset"] != ref["dataset"] or {k: v for k, v in cfg.items() if k not in _MAY_DIFFER} != base:
+            diff = sorted(k for k in set(cfg) | set(base) if k not in _MAY_DIFFER and cfg.get(k) != base.get(k))
+            sys.exit(f"ablate_coreset: '{source}' is not the reference's configuration (differs in {diff})")
+        out = []
         for r in res["rows"]:
-            m = (res["config"].get("coreset_components") or res["config"]["components"]) if r["prior"] == "coreset" else None
-            if r["prior"] == "exemplar" and res["config"]["exemplar_subsample"] != "half":
-                m = res["config"]["exemplar_subsample"]
-            label = r["label"] + (f", M = {m}" if m else "") + (f", seed {seed}" if seed else "") + (f" ({note})" if note else "")
-            rows.append({"prior": r["prior"], "label": label, "row": r, "components": m, "seed": seed, "note": note,
-                         "source": out, "values": torch.load(runs / r["prior"] / "test_log_likelihood.pt")})  # fmt: skip
-    pairs = {}
+            m = None
+            if r["prior"] == "coreset":
+                m = r.get("coreset_components", reproduce.coreset_size(cfg))
+            elif r["prior"] in ("mog", "vamp"):
+                m = cfg["components"]
+            elif r["prior"] == "exemplar" and cfg["exemplar_subsample"] != "half":
+                m = r.get("exemplar_subsample", cfg["exemplar_subsample"])
+            label = r["label"]
+            if source != "reference run":
+                label += (f", M = {m}" if m else "") + (f", seed {cfg['seed']}" if cfg["seed"] else "")
+                label += f" ({note})" if note else ""
+            baseline = r["prior"] == "exemplar-rat" or (r["prior"] == "exemplar" and cfg["exemplar_subsample"] == "half")
+            out.append({"prior": r["prior"], "label": label, "row": r, "components": m, "seed": cfg["seed"],
+                        "note": note, "source": source, "baseline": baseline, "timing_name": timing_name,
+                        "values": _values(runs, r, res["sizes"]["test"])})  # fmt: skip
+        return out
+
+    rows = entries(ref, ref_runs, "reference run", "", None)
+    for item in args.sweep:
+        out, _, rest = item.partition("=")
+        note, _, timing_name = rest.partition("@")
+        res, runs = _reproduction(Path(out))
+        rows += entries(res, runs, out, note, timing_name or None)
+    pairs: dict = {}
     for r in rows:
-        pairs.setdefault((r["prior"], r["seed"]), r)
-    t_ex = pairs[("exemplar", ref["config"]["seed"])]["row"]["seconds_per_epoch"]
+        if r["baseline"]:
+            pairs.setdefault((r["prior"], r["seed"]), r)
+    ref_seed = ref["config"]["seed"]
+    if ("exemplar", ref_seed) not in pairs:
+        sys.exit("ablate_coreset: the reference run has no exemplar prior (subsampling, M = N/2) to pair with")
+    t_ex = pairs[("exemplar", ref_seed)]["row"]["seconds_per_epoch"]
     timing = json.loads(Path(args.timing).read_text()) if args.timing else None
     step = timing["seconds_per_step"] if timing else {}
+    if step and "exemplar" not in step:
+        sys.exit(f"ablate_coreset: the timing file '{args.timing}' has no 'exemplar' configuration to divide by")
     out_rows = []
     for r in rows:
         vs = {}
         for other in ("exemplar", "exemplar-rat"):
             o = pairs.get((other, r["seed"]))
             if o is not None and o is not r:
-                d = r["values"].double() - o["values"].double()
+                d = r["values"] - o["values"]
                 vs[other] = {"mean": float(d.mean()), "std_error": float(d.std() / math.sqrt(len(d)))}
-        name = None
-        if r["prior"] == "exemplar":
+        name = r["timing_name"]
+        if name is None and r["prior"] == "exemplar":
             name = "exemplar" if r["components"] is None else f"exemplar-sub{r['components']}"
-        elif r["prior"] == "coreset":
-            name = f"cs-m{r['components']}" + ("-detach" if "gradient" in r["note"] else "") + "-noupdate"
-            name = "cs-default" if name == "cs-m500-noupdate" else name
+        elif name is None and r["prior"] == "coreset":
+            name = "cs-default" if r["components"] == 500 else f"cs-m{r['components']}-noupdate"
         ms = step.get(name)
         out_rows.append({
             "prior": r["prior"], "label": r["label"], "components": r["components"], "seed": r["seed"], "note": r["note"],
@@ -488,94 +553,141 @@ def long_report(args: argparse.Namespace) -> dict:
             "step_ratio": None if ms is None else ms / step["exemplar"],
         })  # fmt: skip
     return {"reference": {"path": args.reference, "command": ref["command"], "machine": ref["machine"],
-                          "date": ref["date"], "config": ref["config"]},
+                          "date": ref["date"], "config": ref["config"], "dataset": ref["dataset"],
+                          "sizes": ref["sizes"]},
             "timing": timing, "rows": out_rows, "machine": _common.machine("cpu")}  # fmt: skip
 
 
+def _pair_text(r: dict, key: str) -> str:
+    return f"{r['vs'][key]['mean']:+.2f} ± {r['vs'][key]['std_error']:.2f}" if key in r["vs"] else ""
+
+
 def long_markdown(rep: dict) -> str:
+    """The report of :func:`long_report` as a markdown table with its protocol."""
     cfg = rep["reference"]["config"]
     name = cfg.get("name", "custom")
+    sizes = rep["reference"]["sizes"]
+    seeds = sorted({r["seed"] for r in rep["rows"]})
+    timing = rep["timing"] or {}
     lines = [
         f"# The pseudocoreset in the `{name}` reproduction (issue #17)", "",
-        f"The `{name}` reproduction ({cfg['n_train']} MNIST training images, {cfg['epochs']} epochs, S = "
-        f"{cfg['eval_samples']} importance samples, training seed {cfg['seed']}; `{rep['reference']['command']}`) and "
-        "further runs of the same configuration with the pseudocoreset at more pseudo-inputs M "
-        "(`--priors coreset --coreset-components M`) or another training seed (`--seed`). Differences are paired per "
-        "test point against the exemplar prior (subsampling, M = N/2) and RAT trained with the same seed (same test "
-        "points, same importance-sampling noise), ± their standard error over test points: a second seed shows how "
-        "far a training run itself moves them.", "",
-        "Cost: *x exemplar, epoch* is the reference run's seconds per epoch over its exemplar prior's (each prior "
-        "trained in turn, nothing else running, coreset updates included); *x exemplar, step* is a training step "
-        "(ELBO, backward, Adam; the update pass excluded) timed interleaved with the exemplar prior's step in one "
-        "process (`ablate_coreset.py timing`, 10000 images, one thread, median of 3 rounds of 10 steps). The other "
-        "runs shared the machine with other jobs (marked *shared*): their own s / epoch is not a cost.", "",
+        f"The `{name}` reproduction ({rep['reference']['dataset']}, {sizes['train']} training images, {cfg['epochs']} "
+        f"epochs, {sizes['test']} test points, S = {cfg['eval_samples']} importance samples, training seed {cfg['seed']}; "
+        f"`{rep['reference']['command']}`) and further runs of the same configuration with other sizes "
+        "(`--coreset-components M`, `--exemplar-subsample M`)"
+        + (f" or training seeds ({', '.join(map(str, seeds))})" if len(seeds) > 1 else "") + ". Differences are paired "
+        "per test point against the exemplar prior (subsampling, M = N/2 exemplars per step) and RAT trained with the "
+        "same seed (same test points, same importance-sampling noise), ± their standard error over test points; they "
+        "do not include how far another training seed would move them.", "",
+        "Cost: *x exemplar, epoch* is the reference run's seconds per epoch over its exemplar prior's (the priors "
+        "trained in turn, coreset updates included); *x exemplar, step* is a training step (ELBO, backward, Adam; the "
+        "coreset update excluded) timed interleaved with the exemplar prior's step in one process (`ablate_coreset.py "
+        f"timing`, {timing.get('setup', 'no timing file')}). Runs marked *shared* trained beside other jobs: their own "
+        "s / epoch is not a cost.", "",
         "| prior | test log p(x) | vs exemplar (paired) | vs RAT (paired) | s / epoch | x exemplar, epoch | ms / step | x exemplar, step |",
         "|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     f = lambda v, fmt: "" if v is None else format(v, fmt)  # noqa: E731
     for r in rep["rows"]:
-        vs = lambda k: f"{r['vs'][k]['mean']:+.2f} ± {r['vs'][k]['std_error']:.2f}" if k in r["vs"] else ""  # noqa: E731
         shared = "" if r["source"] == "reference run" else " (shared)"
-        lines.append(f"| {r['label']} | {r['log_likelihood']:.2f} ± {r['log_likelihood_std_error']:.2f} | {vs('exemplar')} | "
-                     f"{vs('exemplar-rat')} | {r['seconds_per_epoch']:.2f}{shared} | {f(r['epoch_ratio'], '.2f')} | "
-                     f"{f(r['ms_per_step'], '.0f')} | {f(r['step_ratio'], '.2f')} |")  # fmt: skip
-    lines += ["", "Produced by `python benchmarks/ablate_coreset.py long --reference OUT --sweep OUT_M1000 ... --timing "
-              "TIMING.txt --out benchmarks/results`; the runs by `python benchmarks/reproduce.py --config cpu-long` "
-              "(reference) and `... --priors coreset --coreset-components M` (sweep).", ""]  # fmt: skip
+        lines.append(f"| {r['label']} | {r['log_likelihood']:.2f} ± {r['log_likelihood_std_error']:.2f} | "
+                     f"{_pair_text(r, 'exemplar')} | {_pair_text(r, 'exemplar-rat')} | {r['seconds_per_epoch']:.2f}{shared} | "
+                     f"{f(r['epoch_ratio'], '.2f')} | {f(r['ms_per_step'], '.0f')} | {f(r['step_ratio'], '.2f')} |")  # fmt: skip
+    lines += ["", "Produced by `python benchmarks/ablate_coreset.py long --reference OUT --sweep OUT_1 OUT_2=NOTE ... "
+              "--timing TIMING.txt`; the runs by `python benchmarks/reproduce.py --config "
+              f"{name}` (reference) and the same with `--priors ... --coreset-components M`, `--exemplar-subsample M` or "
+              "`--seed S` (the others); `ablate_coreset.py reproduce-detached` for component means without gradients.", ""]  # fmt: skip
     return "\n".join(lines)
 
 
 def long_plot(rep: dict, path: Path) -> None:
+    """The gap to the exemplar prior against the training cost, one point per row."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7.0, 4.4))
+    fig = Figure(figsize=(7.4, 4.8))
     ax = fig.subplots()
-    ax.plot([1.0], [0.0], "s", color="C1")
-    ax.annotate("Exemplar (subsampling)", (1.0, 0.0), textcoords="offset points", xytext=(-60, 8), fontsize=8)
+    ax.plot([1.0], [0.0], "s", color="C1", label="exemplar prior (M = N/2)")
+    ax.annotate("exemplar", (1.0, 0.0), textcoords="offset points", xytext=(-20, 8), fontsize=8)
+    seen = set()
     for r in rep["rows"]:
         cost = r["step_ratio"] if r["step_ratio"] is not None else r["epoch_ratio"]
         if cost is None or "exemplar" not in r["vs"]:
             continue
         d = r["vs"]["exemplar"]
-        cs = r["prior"] == "coreset"
-        ax.errorbar(cost, d["mean"], yerr=d["std_error"], fmt="o" if cs else "s", color="C0" if cs else "C1", capsize=3)
-        label = f"M = {r['components']}" + (f" ({r['note']})" if r["note"] else "") if cs else r["label"]
-        ax.annotate(label, (cost, d["mean"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        kind = "pseudocoreset" if r["prior"] == "coreset" else "exemplar prior, other M or RAT" if r["prior"].startswith("exemplar") else "other priors"
+        style = {"pseudocoreset": ("o", "C0"), "other priors": ("D", "grey")}.get(kind, ("s", "C1"))
+        ax.errorbar(cost, d["mean"], yerr=d["std_error"], fmt=style[0], color=style[1], capsize=3,
+                    label=None if kind in seen else kind)  # fmt: skip
+        seen.add(kind)
+        label = r["label"].replace("Pseudocoreset (ByPE), ", "").replace("Pseudocoreset (ByPE)", f"M = {r['components']}")
+        ax.annotate(label, (cost, d["mean"]), textcoords="offset points", xytext=(6, -3), fontsize=7)
     ax.axhline(0, color="k", lw=0.8)
-    ax.axhline(-0.5, color="grey", ls="--", lw=0.8, label="target: within 0.5 nats ...")
-    ax.axvline(1 / 3, color="grey", ls=":", lw=0.8, label="... at a third of the cost or less")
+    ax.axhline(-0.5, color="grey", ls="--", lw=0.8, label="within 0.5 nats ...")
+    ax.axvline(1 / 3, color="grey", ls=":", lw=0.8, label="... at a third of the cost")
     ax.set_xlabel("training cost, x the exemplar prior's (interleaved steps where timed, else epochs)")
     ax.set_ylabel("test log p(x) - exemplar prior's (nats, paired)")
     name = rep["reference"]["config"].get("name", "")
-    ax.set_title(f"{name}: the pseudocoreset at M pseudo-inputs (circles) and the other priors", fontsize=10)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(f"{name}: gap to the exemplar prior against training cost", fontsize=10)
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
+def reproduce_detached(argv: list[str]) -> int:
+    """``reproduce.py`` with the pseudocoreset's component means computed without gradients
+    while training (the ablation's ``detach``), for runs at the reproduction's scale."""
+    import reproduce
+    from vaepriors.coreset import PseudocoresetPrior
+
+    encode_means = PseudocoresetPrior.components
+
+    def components(self):  # noqa: ANN001, ANN202
+        if not self.training:
+            return encode_means(self)
+        with torch.no_grad():
+            return encode_means(self)[0], self.log_var
+
+    PseudocoresetPrior.components = components
+    try:
+        return reproduce.main(argv)
+    finally:
+        PseudocoresetPrior.components = encode_means
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["reproduce-detached"]:  # every further argument is reproduce.py's
+        sys.exit(reproduce_detached(sys.argv[2:]))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["run", "table", "timing", "long"])
+    ap.add_argument("mode", choices=["run", "table", "timing", "long", "reproduce-detached"])
     ap.add_argument("names", nargs="*")
     ap.add_argument("--data-dir", default=os.environ.get("VAEPRIORS_MNIST"))
     ap.add_argument("--runs", default="/tmp/coreset_ablation")
-    ap.add_argument("--out", default="benchmarks/results/coreset_ablation")
+    ap.add_argument("--out", default=None, help="table: the results' path stem (default "
+                    "benchmarks/results/coreset_ablation); long: a folder (default benchmarks/results)")  # fmt: skip
     ap.add_argument("--n-train", type=int, default=5000)
     ap.add_argument("--n-test", type=int, default=500)
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--eval-samples", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--reference", help="long: a full cpu-long reproduce.py output folder")
-    ap.add_argument("--sweep", nargs="*", default=[], help="long: reproduce.py output folders of coreset-only runs")
-    ap.add_argument("--timing", help="long: a timing.txt of `timing` at 10000 images")
+    ap.add_argument("--reference", help="long: a full reproduce.py output folder (the exemplar prior and RAT to pair with)")
+    ap.add_argument("--sweep", nargs="*", default=[], help="long: further reproduce.py output folders of the same "
+                    "configuration, each OUT, OUT=NOTE or OUT=NOTE@TIMING_NAME")  # fmt: skip
+    ap.add_argument("--timing", help="long: a timing.txt written by the timing mode")
+    ap.add_argument("--docs-static", help="long: also copy the plot here as coreset_<config>.png")
     args = ap.parse_args()
     if args.mode == "long":
+        if not args.reference:
+            ap.error("long needs --reference")
         rep = long_report(args)
-        for r in rep["rows"]:
-            r.pop("values", None)
-        print(_common.write_results(args.out, "coreset_cpu-long", rep, long_markdown, long_plot))
+        stem = f"coreset_{rep['reference']['config'].get('name', 'custom')}"
+        out = Path(args.out or "benchmarks/results")
+        print(_common.write_results(out, stem, rep, long_markdown, long_plot))
+        if args.docs_static and (out / f"{stem}.png").is_file():
+            Path(args.docs_static).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(out / f"{stem}.png", Path(args.docs_static) / f"{stem}.png")
         return
+    args.out = args.out or "benchmarks/results/coreset_ablation"
     if args.mode == "table":
         return table(args)
     if args.mode == "timing":

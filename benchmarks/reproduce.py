@@ -98,7 +98,7 @@ CONFIGS: dict[str, dict] = {
     # coreset updates after epochs 3, 6 and 9 (counted from 1; see PseudocoresetPrior.schedule_updates).
     "cpu-short": {**_BASE, "n_train": 5000, "n_eval": 1000, "epochs": 10, "warmup": 3, "lr": 2e-3,
                   "eval_samples": 500, "coreset_every": 3, "device": "cpu", "threads": 1},
-    # About 40 minutes on one CPU thread: a fifth of the training set for 40 epochs, long
+    # 36-55 minutes on one CPU thread (machines differ): a fifth of the training set for 40 epochs, long
     # enough for the priors to part (unused latent units switch off over tens of epochs).
     "cpu-long": {**_BASE, "n_train": 10000, "n_eval": 2000, "epochs": 40, "warmup": 10, "lr": 1e-3,
                  "eval_samples": 500, "device": "cpu", "threads": 1},
@@ -152,7 +152,8 @@ def resolve(config: str | dict, **overrides) -> dict:
 
 def coreset_size(cfg: dict) -> int:
     r"""The pseudocoreset's M under ``cfg``: ``coreset_components``, else ``components``."""
-    return cfg.get("coreset_components") or cfg["components"]
+    m = cfg.get("coreset_components")
+    return cfg["components"] if m is None else m
 
 
 def data_dir_for(data_dir: str | None) -> str | None:
@@ -257,6 +258,16 @@ def sample_images(elbo: vp.ExemplarELBO, n: int, seed: int) -> torch.Tensor:
     return images.reshape(n, 1, side, side)
 
 
+def _sizes_used(prior: object) -> dict:
+    r"""The sizes a trained prior actually has: ``coreset_components`` (pseudocoreset M) or
+    ``exemplar_subsample`` (exemplars per training step; ``None``: all)."""
+    if isinstance(prior, vp.PseudocoresetPrior):
+        return {"coreset_components": prior.n_pseudo}
+    if isinstance(prior, vp.ExemplarPrior):
+        return {"exemplar_subsample": prior.n_subsample}
+    return {}
+
+
 def run_prior(prior: str, cfg: dict, splits: vp.data.Splits, runs: Path, *, device: str, data_dir: str | None,
               progress: bool = False, resume: bool = False, n_samples: int = 36) -> tuple[dict, torch.Tensor, torch.Tensor | None]:  # fmt: skip
     r"""Trains one prior through the training loop of the command and measures it; returns
@@ -284,6 +295,7 @@ def run_prior(prior: str, cfg: dict, splits: vp.data.Splits, runs: Path, *, devi
         "reconstruction": test["reconstruction"],
         "kl": test["kl"],
         **extra,
+        **_sizes_used(elbo.prior),
         "seconds_per_epoch": metrics["seconds_per_epoch"],
         "epochs_run": metrics["epochs_run"],
         "best_epoch": metrics["best_epoch"],
@@ -327,7 +339,9 @@ def run_benchmark(cfg: dict, priors: list[str], out: Path, *, runs: Path, device
                                         progress=progress, resume=resume)  # fmt: skip
         rows.append(row)
         grids[prior], lls[prior] = images, values
-        if values is not None:  # per test point, for paired comparisons across invocations
+        # Per test point, for paired comparisons across invocations (never a stale file).
+        (runs / prior / "test_log_likelihood.pt").unlink(missing_ok=True)
+        if values is not None:
             torch.save(values, runs / prior / "test_log_likelihood.pt")
     for row in rows:
         ref = lls.get("gaussian")
@@ -337,6 +351,7 @@ def run_benchmark(cfg: dict, priors: list[str], out: Path, *, runs: Path, device
         "config": cfg,
         "description": DESCRIPTIONS.get(cfg["name"], ""),
         "command": command,
+        "runs": str(runs.resolve()),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": {**machine(rows[0]["device"] if rows else device), "threads": cfg["threads"] or torch.get_num_threads()},
         "sizes": {"train": len(splits.train), "valid": len(splits.valid), "test": len(splits.test)},
@@ -526,8 +541,17 @@ def main(argv: list[str] | None = None) -> int:
     cfg = resolve(a.config, epochs=a.epochs, warmup=a.warmup, lr=a.lr, n_train=a.n_train, n_eval=a.n_eval,
                   eval_samples=a.eval_samples, threads=a.threads, seed=a.seed,
                   coreset_components=a.coreset_components, exemplar_subsample=a.exemplar_subsample)  # fmt: skip
+    for flag, value in (("--coreset-components", a.coreset_components), ("--exemplar-subsample", a.exemplar_subsample)):
+        if value is not None and not 1 <= value <= (cfg["n_train"] or value):
+            print(f"reproduce: error: {flag} must be between 1 and the {cfg['n_train']} training images, got {value}",
+                  file=sys.stderr)  # fmt: skip
+            return 2
     out = Path(a.out or ROOT / "benchmarks" / "results" / f"reproduce_{a.config}")
-    runs = Path(a.runs or Path("runs") / f"reproduce_{a.config}")
+    # Runs with overrides train elsewhere than the configuration's own (their checkpoints and
+    # per-point values must not overwrite each other's).
+    tag = "".join(f"_{k}{v}" for k, v in (("seed", a.seed), ("coreset", a.coreset_components),
+                                           ("subsample", a.exemplar_subsample)) if v is not None)  # fmt: skip
+    runs = Path(a.runs or Path("runs") / f"reproduce_{a.config}{tag}")
     if cfg["dataset"] == "mnist":
         root, source = mnist_root(data_dir_for(a.data_dir), root_name="--data-dir")
         if not (root / "train-images-idx3-ubyte.gz").is_file() and not (root / "train-images-idx3-ubyte").is_file():

@@ -10,9 +10,11 @@ import argparse
 import importlib.util
 import json
 import math
+import shlex
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,8 +45,9 @@ def _write_run(out: Path, runs: Path, priors: list[str], seed: int, gen: torch.G
         rows.append({"prior": prior, "label": prior.title(), "log_likelihood": float(v.mean()),
                      "log_likelihood_std_error": 0.5, "seconds_per_epoch": 10.0 * (i + 1)})  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
-    res = {"config": cfg, "command": f"python benchmarks/reproduce.py --config cpu-long --runs {runs}",
-           "machine": {}, "date": "2026-12-01", "rows": rows}  # fmt: skip
+    res = {"config": cfg, "command": "python benchmarks/reproduce.py " + shlex.join(["--config", "cpu-long", "--runs", str(runs)]),
+           "machine": {}, "date": "2026-12-01", "rows": rows, "dataset": "mnist",
+           "sizes": {"train": 100, "valid": N_TEST, "test": N_TEST}}  # fmt: skip
     (out / "results.json").write_text(json.dumps(res))
     return values
 
@@ -56,17 +59,22 @@ def _mean_se(d: list[float]) -> tuple[float, float]:
 
 def test_long_report_pairs_with_the_same_seed(tmp_path):
     g = torch.Generator().manual_seed(0)
-    ref = _write_run(tmp_path / "ref", tmp_path / "ref-runs", ["gaussian", "exemplar", "exemplar-rat", "coreset"], 0, g)
+    ref = _write_run(tmp_path / "ref", tmp_path / "ref-runs", ["gaussian", "exemplar", "exemplar-rat", "coreset"], 0, g,
+                     coreset_components=300)
     m1000 = _write_run(tmp_path / "m1000", tmp_path / "m1000-runs", ["coreset"], 0, g, coreset_components=1000)
+    # An exemplar prior with another M is a row of its own, never the baseline.
+    sub = _write_run(tmp_path / "sub", tmp_path / "sub-runs", ["exemplar"], 1, g, exemplar_subsample=50)
     seed1 = _write_run(tmp_path / "s1", tmp_path / "s1-runs", ["exemplar", "coreset"], 1, g)
     timing = tmp_path / "timing.txt"
-    timing.write_text(json.dumps({"seconds_per_step": {"exemplar": 0.4, "cs-default": 0.06, "cs-m1000-noupdate": 0.1}}))
-    args = argparse.Namespace(reference=str(tmp_path / "ref"), sweep=[str(tmp_path / "m1000"), f"{tmp_path / 's1'}=note"],
-                              timing=str(timing))  # fmt: skip
+    timing.write_text(json.dumps({"seconds_per_step": {"exemplar": 0.4, "cs-m300-noupdate": 0.06, "cs-m1000-noupdate": 0.1,
+                                                       "x": 0.2}}))  # fmt: skip
+    args = argparse.Namespace(reference=str(tmp_path / "ref"), timing=str(timing),
+                              sweep=[str(tmp_path / "m1000"), str(tmp_path / "sub"), f"{tmp_path / 's1'}=note@x"])  # fmt: skip
     rep = A.long_report(args)
     rows = {r["label"]: r for r in rep["rows"]}
-    assert list(rows) == ["Gaussian", "Exemplar", "Exemplar-Rat", "Coreset", "Coreset, M = 1000",
+    assert list(rows) == ["Gaussian", "Exemplar", "Exemplar-Rat", "Coreset", "Coreset, M = 1000", "Exemplar, M = 50, seed 1",
                           "Exemplar, seed 1 (note)", "Coreset, M = 500, seed 1 (note)"]  # fmt: skip
+    assert rows["Coreset"]["components"] == 300
     cases = [
         ("Coreset", ref["coreset"], ref["exemplar"], ref["exemplar-rat"]),
         ("Coreset, M = 1000", m1000["coreset"], ref["exemplar"], ref["exemplar-rat"]),
@@ -81,8 +89,32 @@ def test_long_report_pairs_with_the_same_seed(tmp_path):
             mean, _ = _mean_se([a - b for a, b in zip(v.tolist(), rat.tolist())])
             assert math.isclose(rows[label]["vs"]["exemplar-rat"]["mean"], mean, abs_tol=1e-9)
     assert "exemplar" not in rows["Exemplar"]["vs"] and "exemplar" not in rows["Exemplar, seed 1 (note)"]["vs"]
+    mean, _ = _mean_se([a - b for a, b in zip(sub["exemplar"].tolist(), seed1["exemplar"].tolist())])
+    assert math.isclose(rows["Exemplar, M = 50, seed 1"]["vs"]["exemplar"]["mean"], mean, abs_tol=1e-9)
     # Costs: the reference's epochs against its exemplar prior, steps from the timing file.
     assert rows["Gaussian"]["epoch_ratio"] == 10.0 / 20.0 and rows["Coreset, M = 1000"]["epoch_ratio"] is None
     assert math.isclose(rows["Coreset"]["step_ratio"], 0.06 / 0.4) and math.isclose(rows["Coreset, M = 1000"]["step_ratio"], 0.25)
+    assert math.isclose(rows["Coreset, M = 500, seed 1 (note)"]["step_ratio"], 0.5)  # its timing name given after @
     text = A.long_markdown(rep)
     assert text.count("\n| ") == len(rows) + 1 and "`cpu-long`" in text
+
+
+def test_long_report_refuses_what_does_not_pair(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    _write_run(tmp_path / "ref", tmp_path / "ref-runs", ["exemplar", "coreset"], 0, g)
+    _write_run(tmp_path / "lr", tmp_path / "lr-runs", ["coreset"], 0, g, lr=5e-4)
+    _write_run(tmp_path / "noex", tmp_path / "noex-runs", ["coreset"], 0, g)
+
+    def report(reference: str, *sweep: str) -> None:
+        A.long_report(argparse.Namespace(reference=str(tmp_path / reference), sweep=[str(tmp_path / s) for s in sweep],
+                                         timing=None))  # fmt: skip
+
+    with pytest.raises(SystemExit, match="differs in \\['lr'\\]"):
+        report("ref", "lr")
+    with pytest.raises(SystemExit, match="no exemplar prior"):
+        report("noex")
+    with pytest.raises(SystemExit, match="no results.json"):
+        report("ref", "missing")
+    _write_run(tmp_path / "shared", tmp_path / "ref-runs", ["coreset"], 0, g, coreset_components=900)  # overwrites
+    with pytest.raises(SystemExit, match="runs folder shared"):  # the reference's coreset values
+        report("ref", "shared")

@@ -137,6 +137,13 @@ def test_coreset_components_override_only_the_coreset(tmp_path):
     assert R.coreset_size(R.resolve("cpu-long")) == 500  # unset: the mixtures' size
 
 
+@pytest.mark.parametrize("flag, value", [("--coreset-components", "0"), ("--exemplar-subsample", "401")])
+def test_size_overrides_are_checked(tmp_path, capsys, flag, value):
+    assert R.main(["--config", "tiny", flag, value, "--out", str(tmp_path / "out")]) == 2
+    assert f"{flag} must be between 1 and the 400 training images, got {value}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_paired_difference_matches_float64_reference():
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(50, generator=g, dtype=torch.float64), torch.randn(50, generator=g, dtype=torch.float64)
