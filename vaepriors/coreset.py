@@ -165,14 +165,19 @@ class PseudocoresetPrior(BasePrior):
     :meth:`on_epoch_end`. In that update the pseudo-inputs enter only as the data argument
     of the decoder's likelihood :math:`\log p_\theta(u_m|z)` (see :meth:`coreset_gradients`).
 
-    What the defaults buy (issue #17, ``benchmarks/results/coreset_ablation.md``: MNIST, 5000
-    images x 10 epochs, paired test log-likelihoods): the update as defined here is nearly
-    inert (M = 500: -2.28 nats behind the exemplar prior with the default update, -2.26
-    without any; more frequent or larger steps, an EM refit of the weights, or latents drawn
-    from the pseudocoreset posterior, whose importance resampling degenerates to one sample,
-    do not help). The gap depends on M: -1.14 / -0.88 (two seeds) at M = 1000, level at
-    M = 2000, at a cost that grows with M (0.86x the exemplar prior's step time at M = 2000,
-    N = 5000). ``leave_one_out`` and ``n_subsample`` are off by default: neither helped.
+    What the defaults buy (issue #17; in ``benchmarks/results``, ``coreset_ablation.md``:
+    MNIST, 5000 images x 10 epochs, and ``coreset_cpu-long.md``: the cpu-long reproduction,
+    10000 images x 40 epochs; test log-likelihoods paired against the exemplar prior): the
+    update as defined here is nearly inert (M = 500: -2.28 nats behind the exemplar prior
+    with the default update, -2.26 without any), and none of its settings (latent samples,
+    binarised data, input box, step sizes and frequency, an EM refit of the weights, latents
+    from the pseudocoreset posterior, whose importance resampling degenerates to one sample)
+    nor the initialisation moves the likelihood beyond noise. The gap shrinks with M while
+    the cost grows: in cpu-long -1.46 nats at M = 500 (0.15x the exemplar prior's step
+    time), -1.07 at 1000 (0.24x), -0.84 at 1500 (0.32x), -0.92 at 2000 (0.41x), where the
+    exemplar prior with 1000 exemplars per step is -0.48 (0.23x) and RAT +0.12. The encoder
+    must learn through the component means: without those gradients, M = 2500 ends 3.95
+    nats behind. ``leave_one_out`` and ``n_subsample`` are off by default: neither helped.
 
     Arguments:
         pseudo_inputs: initial pseudo-inputs ``[M, *input_shape]`` (copied).
