@@ -620,7 +620,8 @@ def long_plot(rep: dict, path: Path) -> None:
                     label=None if kind in seen else kind)  # fmt: skip
         seen.add(kind)
         label = r["label"].replace("Pseudocoreset (ByPE), ", "").replace("Pseudocoreset (ByPE)", f"M = {r['components']}")
-        ax.annotate(label, (cost, d["mean"]), textcoords="offset points", xytext=(6, -3), fontsize=7)
+        below = kind == "other priors"  # clear of the pseudocoreset's labels at the same cost
+        ax.annotate(label, (cost, d["mean"]), textcoords="offset points", xytext=(6, -12) if below else (4, 6), fontsize=7)
     ax.axhline(0, color="k", lw=0.8)
     ax.axhline(-0.5, color="grey", ls="--", lw=0.8, label="within 0.5 nats ...")
     ax.axvline(1 / 3, color="grey", ls=":", lw=0.8, label="... at a third of the cost")
