@@ -7,28 +7,17 @@ RAT trained with the same seed; checked here against float64 sums written out by
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import shlex
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests._scripts import load_benchmark
 
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("ablate_coreset", ROOT / "benchmarks" / "ablate_coreset.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("ablate_coreset", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-A = _load_script()
+A = load_benchmark("ablate_coreset")
 N_TEST = 40
 
 

@@ -8,28 +8,17 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests._scripts import ROOT, load_benchmark
 from vaepriors import train
 from vaepriors.data import mnist_root
 
-ROOT = Path(__file__).resolve().parents[1]
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("reproduce", ROOT / "benchmarks" / "reproduce.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("reproduce", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-R = _load_script()
+R = load_benchmark("reproduce")
 
 
 def _have_mnist() -> bool:
