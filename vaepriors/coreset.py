@@ -172,13 +172,13 @@ class PseudocoresetPrior(BasePrior):
     with the default update, -2.26 without any), and none of its settings (latent samples,
     binarised data, input box, step sizes and frequency, an EM refit of the weights, latents
     from the pseudocoreset posterior, whose importance resampling degenerates to one sample)
-    nor the initialisation moves the likelihood beyond noise. The gap shrinks with M while
-    the cost grows: in cpu-long -1.46 nats at M = 500 (0.15x the exemplar prior's step
-    time), -1.07 at 1000 (0.24x), -0.84 at 1500 (0.32x), -0.92 at 2000 (0.41x) and at 4000
-    (0.87x), where the exemplar prior with 1000 exemplars per step is -0.48 (0.23x) and RAT
-    +0.12. The encoder
-    must learn through the component means: without those gradients, M = 2500 ends 3.95
-    nats behind. ``leave_one_out`` and ``n_subsample`` are off by default: neither helped.
+    nor the initialisation moves the likelihood beyond noise. The gap shrinks with M, then
+    stops, while the cost grows: in cpu-long -1.46 nats at M = 500 (0.15x the exemplar
+    prior's step time), -1.07 at 1000 (0.24x), -0.84 at 1500 (0.32x), -0.92 at 2000 (0.41x)
+    and at 4000 (0.87x), where the exemplar prior with 1000 exemplars per step is -0.48
+    (0.23x) and RAT +0.12. The encoder must learn through the component means: without
+    those gradients, M = 2500 ends 3.95 nats behind. ``leave_one_out`` and ``n_subsample``
+    are off by default: neither helped.
 
     Arguments:
         pseudo_inputs: initial pseudo-inputs ``[M, *input_shape]`` (copied).
